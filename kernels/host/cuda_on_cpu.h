@@ -179,7 +179,7 @@ T shuffle(unsigned mask, T var, int width, SourceLane source_lane) {
   std::memcpy(&bits, &var, sizeof(T));
   const Warp::Slot* row = warp_exchange(mask, bits);
   bits = lane_value(row, source_lane(self.lane, unsigned(width)));
-  std::memcpy(&var, &bits, sizeof(T));
+  std::memcpy(static_cast<void*>(&var), &bits, sizeof(T));  // void*: T may be a class such as __nv_bfloat16
   return var;
 }
 
