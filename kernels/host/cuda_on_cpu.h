@@ -14,9 +14,10 @@
 //                                   whole grid before returning; the stream is ignored. A template kernel whose
 //                                   name has a comma must be parenthesised: SAPO_LAUNCH((k<float, 256>), ...).
 //
-// Host execution model: blocks run one after another; the threads of a block run at once as std::threads (created
-// once per launch and reused by every block; the launch returns when the grid is done). `__shared__` becomes a function-local `static` (one instance, reused by every
-// block and never cleared, like uninitialised shared memory), so launches are serialised by a global mutex.
+// Host execution model: blocks run one after another; the threads of a block run at once as std::threads
+// (created once per launch and reused by every block). `__shared__` becomes a function-local `static` (one
+// instance, reused by every block and never cleared, like uninitialised shared memory), so launches are
+// serialised by a global mutex, also across host threads.
 // The dynamic shared buffer is filled with 0xFF bytes before each block, so reads before writes give NaN / -1.
 // Warps are consecutive groups of 32 threads by linear thread index (x fastest); a block whose thread count is
 // not a multiple of 32 (or is 0 or above 1024) is rejected: message on stderr, kernel not run,
@@ -50,7 +51,8 @@
 // device-side min/max/__ldg overloads, and GPU fast-math bit patterns (__expf etc. are not bit-exact).
 // Divergent warp ops (lanes waiting in different warp ops or at __syncthreads) are undefined on the GPU; here
 // they abort when detected and may hang otherwise.
-// Cost: about 1 us per thread per barrier or warp op, so test kernels at modest shapes.
+// Cost (2-core machine): ~1-3 us per thread per barrier or warp op plus ~40 us per thread to start a launch's
+// threads (about 10 ms for 256), so test kernels at modest shapes.
 #pragma once
 
 #define SAPO_SHARED(type, name, count) __shared__ type name[count]
@@ -246,7 +248,8 @@ inline void launch(dim3 grid, dim3 block, std::size_t shmem_bytes, const std::fu
                        blockIdx.z, t, e.what());
           failed = true;
         } catch (...) {
-          std::fprintf(stderr, "cuda_on_cpu: block (%u,%u,%u) thread %u threw\n", blockIdx.x, blockIdx.y, blockIdx.z, t);
+          std::fprintf(stderr, "cuda_on_cpu: block (%u,%u,%u) thread %u threw\n", blockIdx.x, blockIdx.y,
+                       blockIdx.z, t);
           failed = true;
         }
         // A finished thread stops counting towards the barriers its block's other threads still wait at.
@@ -356,8 +359,8 @@ inline unsigned long long atomicExch(unsigned long long* address, unsigned long 
 }
 inline float atomicExch(float* address, float value) { return sapo_host::atomic_exchange(address, value); }
 
-inline float __expf(float x) { return expf(x); }
-inline float __logf(float x) { return logf(x); }
-inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __expf(float x) noexcept { return expf(x); }
+inline float __logf(float x) noexcept { return logf(x); }
+inline float rsqrtf(float x) noexcept { return 1.0f / sqrtf(x); }
 
 #endif  // __CUDACC__

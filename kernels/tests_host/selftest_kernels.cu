@@ -114,10 +114,15 @@ __global__ void histogram(const int* __restrict__ keys, int n, int* hist, unsign
   }
 }
 
-// Each warp op once, with sub-warp widths, for one block of whole warps; thread t's lane is t % 32.
+// Each warp op once, with sub-warp widths, for one block of whole warps (at most 1024 threads); thread t's lane
+// is t % 32.
 __global__ void warp_ops(int* scan, float* broadcast, int* broadcast8, int* down16, double* xor8, unsigned* ballot,
-                         int* any_all) {
+                         int* any_all, int* neighbour) {
+  SAPO_SHARED(int, stage, 1024);
   const int t = threadIdx.x, lane = t % 32;
+  stage[t] = 7 * t;
+  __syncwarp();  // makes the warp's shared-memory writes visible to its other lanes
+  neighbour[t] = stage[t ^ 1];
   int sum = t + 1;  // inclusive prefix sum over the warp
   for (unsigned d = 1; d < 32; d *= 2) {
     const int up = __shfl_up_sync(kFullMask, sum, d);
@@ -169,9 +174,9 @@ int selftest_histogram(const int* keys, int n, int* hist, unsigned* hist_u, floa
 }
 
 int selftest_warp_ops(int threads, int* scan, float* broadcast, int* broadcast8, int* down16, double* xor8,
-                      unsigned* ballot, int* any_all, void* stream) {
+                      unsigned* ballot, int* any_all, int* neighbour, void* stream) {
   SAPO_LAUNCH(warp_ops, 1, threads, 0, static_cast<cudaStream_t>(stream))(scan, broadcast, broadcast8, down16, xor8,
-                                                                         ballot, any_all);
+                                                                         ballot, any_all, neighbour);
   return cudaGetLastError();
 }
 

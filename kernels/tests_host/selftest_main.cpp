@@ -19,7 +19,7 @@ int selftest_row_sums_early_exit(const float* values, int rows, int n, int threa
 int selftest_histogram(const int* keys, int n, int* hist, unsigned* hist_u, float* hist_f, int* last_index,
                        void* stream);
 int selftest_warp_ops(int threads, int* scan, float* broadcast, int* broadcast8, int* down16, double* xor8,
-                      unsigned* ballot, int* any_all, void* stream);
+                      unsigned* ballot, int* any_all, int* neighbour, void* stream);
 int selftest_shuffle_after_lane_exit(float* out, void* stream);
 }
 
@@ -164,12 +164,12 @@ void check_histogram(int n, int bins) {
 }
 
 void check_warp_ops(int threads) {
-  std::vector<int> scan(threads), broadcast8(threads), down16(threads), any_all(threads);
+  std::vector<int> scan(threads), broadcast8(threads), down16(threads), any_all(threads), neighbour(threads);
   std::vector<float> broadcast(threads);
   std::vector<double> xor8(threads);
   std::vector<unsigned> ballot(threads);
   const int rc = selftest_warp_ops(threads, scan.data(), broadcast.data(), broadcast8.data(), down16.data(),
-                                   xor8.data(), ballot.data(), any_all.data(), nullptr);
+                                   xor8.data(), ballot.data(), any_all.data(), neighbour.data(), nullptr);
   int bad = 0;
   for (int t = 0; t < threads; ++t) {
     const int lane = t % 32, base = t - lane;
@@ -186,6 +186,7 @@ void check_warp_ops(int threads) {
     bad += xor8[t] != ((lane & 8) ? (t ^ 8) + 0.25 : t + 0.25);
     bad += ballot[t] != bits;
     bad += any_all[t] != (any | (all << 1));
+    bad += neighbour[t] != 7 * (t ^ 1);
   }
   report(rc == 0 && bad == 0, "warp_ops threads=" + std::to_string(threads),
          "rc=" + std::to_string(rc) + " mismatches=" + std::to_string(bad));

@@ -7,21 +7,24 @@ from .config import LOSS_AGG_MODES, LOSS_TYPES, LossConfig
 from .corrections import rollout_correction_weights
 from .gates import sapo_gate, sapo_gate_weight, select_tau
 from .metrics import METRICS
-from .policy_loss import make_loss_config, policy_loss
+from .policy_loss import TOKEN_LOCAL_LOSS_TYPES, loss_weights, make_loss_config, policy_loss, token_losses
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "LOSS_AGG_MODES",
     "LOSS_TYPES",
     "METRICS",
+    "TOKEN_LOCAL_LOSS_TYPES",
     "LossConfig",
     "aggregate",
     "compute_advantages",
+    "loss_weights",
     "make_loss_config",
     "policy_loss",
     "rollout_correction_weights",
     "sapo_gate",
     "sapo_gate_weight",
     "select_tau",
+    "token_losses",
     "token_weights",
 ]

@@ -25,13 +25,14 @@ import dataclasses
 
 import torch
 
-from .aggregation import aggregate
+from .aggregation import token_weights
 from .config import LossConfig, check_positive
 from .corrections import rollout_correction_weights
 from .gates import sapo_gate, sapo_gate_weight, select_tau
 from .masking import (
     masked_fraction,
     masked_row_mean,
+    masked_row_sum,
     masked_token_max,
     masked_token_mean,
     masked_token_min,
@@ -40,6 +41,9 @@ from .metrics import gate_gap_stats, sequence_log_ratio_variance, to_floats
 from .validation import check_policy_inputs
 
 _LOSS_OPTIONS = tuple(f.name for f in dataclasses.fields(LossConfig))
+
+# Loss types whose per-token loss and gradient depend only on that token (the others use sequence means).
+TOKEN_LOCAL_LOSS_TYPES = ("sapo", "grpo", "cispo")
 
 
 def make_loss_config(config: LossConfig | None = None, **options) -> LossConfig:
@@ -92,30 +96,65 @@ def policy_loss(
     logp = torch.where(mask, log_probs.to(dtype), zero)
     old = torch.where(mask, old_log_probs.detach().to(dtype), zero)
     adv = torch.where(mask, adv.detach().to(dtype), zero)
-    log_ratio = (logp - old).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    rollout = None if rollout_log_probs is None else rollout_log_probs.detach().to(dtype)
 
     stats: dict[str, torch.Tensor] = {}
-    loss_mat = _LOSSES[cfg.loss_type](cfg, log_ratio, logp, adv, mask, stats)
+    loss_mat = token_losses(cfg, logp, old, adv, mask, stats)
+    weights = loss_weights(cfg, mask, old, rollout, total_tokens=total_tokens, total_seqs=total_seqs, stats=stats)
+    loss = masked_row_sum(loss_mat * weights, mask).sum()
+    if not compute_metrics:
+        return loss, {}
+    log_ratio = (logp.detach() - old).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    return loss, _metrics(cfg, log_ratio, adv, mask, stats)
 
-    if rollout_log_probs is not None:
-        rollout = rollout_log_probs.detach().to(dtype)
-        if cfg.rollout_correction is not None:
-            weights, changed = rollout_correction_weights(
-                old, rollout, mask, mode=cfg.rollout_correction, level=cfg.rollout_correction_level,
-                tis_cap=cfg.rollout_tis_cap, mis_low=cfg.rollout_mis_low, mis_high=cfg.rollout_mis_high,
-            )
-            loss_mat = loss_mat * weights
-            stats["mismatch/weight_mean"] = weights
-            stats["mismatch/changed_frac"] = changed
-        log_w = torch.where(mask, old - rollout, zero)
-        stats["mismatch/k3"] = torch.exp(log_w) - 1 - log_w
 
-    loss = aggregate(
-        loss_mat, mask, cfg.loss_agg_mode,
-        loss_norm_length=cfg.loss_norm_length, total_tokens=total_tokens, total_seqs=total_seqs,
-    )
-    metrics = _metrics(cfg, log_ratio.detach(), adv, mask, stats) if compute_metrics else {}
-    return loss, metrics
+def token_losses(
+    cfg: LossConfig,
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    stats: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Unweighted per-token losses [B, T] of `cfg.loss_type` from already checked, masked [B, T] tensors (old log-probs
+    and advantages detached). Token statistics for the metrics go into `stats` when given.
+
+    For the types in TOKEN_LOCAL_LOSS_TYPES a token's loss and gradient depend on that token alone, so the tensors may
+    be any subset of tokens laid out as [N, 1] (the fused output-layer path computes them chunk by chunk)."""
+    log_ratio = (log_probs - old_log_probs).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    return _LOSSES[cfg.loss_type](cfg, log_ratio, log_probs, advantages, mask, {} if stats is None else stats)
+
+
+def loss_weights(
+    cfg: LossConfig,
+    mask: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor | None,
+    *,
+    total_tokens: float | None = None,
+    total_seqs: float | None = None,
+    stats: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Detached per-token weights [B, T] such that loss = sum over the mask of token_loss * weight: the aggregation
+    mode's weights times the rollout correction's (rollout-mismatch statistics go into `stats` when given)."""
+    stats = {} if stats is None else stats
+    weights = token_weights(mask, cfg.loss_agg_mode, loss_norm_length=cfg.loss_norm_length,
+                            total_tokens=total_tokens, total_seqs=total_seqs, dtype=old_log_probs.dtype)
+    weights = weights.to(old_log_probs.device)
+    if rollout_log_probs is None:
+        return weights
+    zero = torch.zeros((), dtype=old_log_probs.dtype, device=old_log_probs.device)
+    if cfg.rollout_correction is not None:
+        correction, changed = rollout_correction_weights(
+            old_log_probs, rollout_log_probs, mask, mode=cfg.rollout_correction, level=cfg.rollout_correction_level,
+            tis_cap=cfg.rollout_tis_cap, mis_low=cfg.rollout_mis_low, mis_high=cfg.rollout_mis_high,
+        )
+        weights = weights * correction
+        stats["mismatch/weight_mean"] = correction
+        stats["mismatch/changed_frac"] = changed
+    log_w = torch.where(mask, old_log_probs - rollout_log_probs, zero)
+    stats["mismatch/k3"] = torch.exp(log_w) - 1 - log_w
+    return weights
 
 
 def _sapo(cfg, log_ratio, logp, adv, mask, stats):
