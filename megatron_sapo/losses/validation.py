@@ -11,25 +11,33 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def check_policy_inputs(
-    log_probs: torch.Tensor,
+    log_probs: torch.Tensor | None,
     old_log_probs: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     rollout_log_probs: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate the inputs; return the mask as bool [B, T] and the advantages broadcast to [B, T]."""
+    """Validate the inputs; return the mask as bool [B, T] and the advantages broadcast to [B, T].
+    log_probs may be None (the fused ops compute them later); old_log_probs then sets the expected shape."""
     named = {"log_probs": log_probs, "old_log_probs": old_log_probs, "advantages": advantages,
              "response_mask": response_mask}
+    if log_probs is None:
+        del named["log_probs"]
+        if not isinstance(old_log_probs, torch.Tensor):
+            raise ValueError(f"old_log_probs must be a torch.Tensor, got {type(old_log_probs).__name__}")
+        log_probs = old_log_probs
     if rollout_log_probs is not None:
         named["rollout_log_probs"] = rollout_log_probs
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if log_probs.dim() != 2:
-        raise ValueError(f"log_probs must be [batch, seq_len], got shape {_shape(log_probs)}")
+        raise ValueError(f"{next(iter(named))} must be [batch, seq_len], got shape {_shape(log_probs)}")
     for name in ("old_log_probs", "response_mask", "rollout_log_probs"):
         if name in named and named[name].shape != log_probs.shape:
-            raise ValueError(f"{name} shape {_shape(named[name])} does not match log_probs shape {_shape(log_probs)}")
+            raise ValueError(
+                f"{name} shape {_shape(named[name])} does not match {next(iter(named))} shape {_shape(log_probs)}"
+            )
     batch = log_probs.shape[0]
     if advantages.shape not in ((batch,), log_probs.shape):
         raise ValueError(
@@ -54,7 +62,7 @@ def check_policy_inputs(
         problems["response_mask holds values other than 0 and 1"] = ((response_mask != 0) & (response_mask != 1)).any()
     for name, t in (("log_probs", log_probs.detach()), ("old_log_probs", old_log_probs),
                     ("rollout_log_probs", rollout_log_probs), ("advantages", adv)):
-        if t is not None:
+        if name in named:
             problems[f"{name} contains NaN or inf at response tokens"] = (~torch.isfinite(t) & mask).any()
     flags = torch.stack(list(problems.values())).tolist()
     for message, bad in zip(problems, flags):

@@ -1,0 +1,154 @@
+"""fused_linear_policy_loss: the policy loss straight from the last hidden states and the output layer's weight
+shard, a chunk of tokens at a time, so that the [tokens, vocab] logits never exist (only [chunk, V_local]).
+
+Per chunk: logits = hidden @ weight^T (in the hidden states' dtype, as the output layer would), the backend's row
+statistics, the vocab-parallel merge (2 collectives per chunk when sharded), log-probs; then the gradient of the loss
+with respect to them, the logits' gradient written over the chunk's logits, and dH = dlogits @ W,
+dW += dlogits^T @ H. For the token-local losses (sapo, grpo, cispo) that all happens in the forward's single pass
+(three matmuls per chunk, like the unfused forward + backward); the sequence losses (sapo_seq, gspo, gspo_token)
+need every token's log-prob first, so they take a statistics pass, the loss, then a gradient pass that recomputes
+each chunk's logits (four matmuls). The backward only scales the stored gradients by the incoming gradient.
+
+With a process group, dH is all-reduced across it (1 collective) unless reduce_hidden_grad=False, for callers that
+reduce it themselves (Megatron's tensor-parallel mappings). dW is accumulated in the weight's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..losses import TOKEN_LOCAL_LOSS_TYPES, loss_weights, make_loss_config, policy_loss, token_losses
+from ..losses.config import LossConfig
+from ..losses.validation import check_policy_inputs
+from .backends import select_backend
+from .logprobs import shard_log_probs
+from .row_stats import group_size
+from .torch_chunked import DEFAULT_CHUNK_BYTES, rows_per_chunk
+from .validation import check_targets, check_temperature, check_vocab_start
+
+
+def _loss_and_grad(cfg, logp, old, adv, mask, weights):
+    """Weighted loss sum and its gradient with respect to logp, through the loss library."""
+    with torch.enable_grad():
+        leaf = logp.detach().requires_grad_()
+        loss = torch.where(mask, token_losses(cfg, leaf, old, adv, mask) * weights, 0.0).sum()
+        (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), grad
+
+
+class _LinearPolicyLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, old, adv, mask, weights, cfg, backend, inv_temperature, group,
+                vocab_start, chunk_rows, reduce_hidden_grad, hint):
+        n = hidden.shape[0]
+        shape = mask.shape
+        flat = {name: t.reshape(-1) for name, t in (("old", old), ("adv", adv), ("mask", mask), ("w", weights))}
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        logp_all = hidden.new_zeros(n, dtype=torch.float32)
+        lse_all = hidden.new_zeros(n, dtype=torch.float32)
+        chunks = [slice(i, min(i + chunk_rows, n)) for i in range(0, n, chunk_rows)]
+
+        def backprop_chunk(rows, logits, lse, grad_logp):
+            dlogits = backend.backward(logits, targets[rows], vocab_start, inv_temperature, lse, grad_logp, None,
+                                       None, logits)
+            grad_hidden[rows] = dlogits @ weight
+            grad_weight.addmm_(dlogits.t(), hidden[rows])
+
+        token_local = cfg.loss_type in TOKEN_LOCAL_LOSS_TYPES
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        for rows in chunks:
+            logits = hidden[rows] @ weight.t()
+            logp, lse, _ = shard_log_probs(backend, logits, targets[rows], vocab_start, inv_temperature, group,
+                                           False, hint)
+            logp_all[rows], lse_all[rows] = logp, lse
+            if token_local:
+                part = {k: v[rows, None] for k, v in flat.items()}
+                chunk_loss, grad = _loss_and_grad(cfg, logp[:, None], part["old"], part["adv"], part["mask"],
+                                                  part["w"])
+                loss += chunk_loss
+                backprop_chunk(rows, logits, lse, grad[:, 0])
+        if not token_local:
+            loss, grad = _loss_and_grad(cfg, logp_all.view(shape), old, adv, mask, weights)
+            grad = grad.reshape(-1)
+            for rows in chunks:
+                backprop_chunk(rows, hidden[rows] @ weight.t(), lse_all[rows], grad[rows])
+        if reduce_hidden_grad and group_size(group) > 1:
+            dist.all_reduce(grad_hidden, group=group)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(logp_all)
+        return loss, logp_all
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss.to(grad_hidden.dtype)
+        return (grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype)) + (None,) * 13
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    process_group=None,
+    vocab_start: int = 0,
+    rollout_log_probs: torch.Tensor | None = None,
+    total_tokens: float | None = None,
+    total_seqs: float | None = None,
+    config: LossConfig | None = None,
+    implementation: str = "auto",
+    chunk_bytes: int | None = None,
+    reduce_hidden_grad: bool = True,
+    **options,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """(loss, metrics) as losses.policy_loss with log_probs from logits = hidden @ weight^T / temperature.
+
+    hidden [B, T, H] (the last hidden states of the tokens that predict `targets`), weight [V_local, H] (this rank's
+    output-layer shard, starting at vocab_start), targets [B, T] global ids. chunk_bytes bounds one chunk's fp32
+    logits (default 64 MiB). Loss options as in losses.policy_loss.
+    """
+    cfg = make_loss_config(config, **options)
+    inv_temperature = check_temperature(temperature)
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dim() != 3 or weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"hidden must be [batch, seq_len, H] and weight [vocab_shard, H] with the same H, got hidden "
+            f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype or hidden.device != weight.device:
+        raise ValueError(f"hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, {weight.device}) must "
+                         "share dtype and device")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocab shard (0 rows)")
+    check_vocab_start(vocab_start)
+    mask, adv = check_policy_inputs(None, old_log_probs, advantages, response_mask, rollout_log_probs)
+    if old_log_probs.shape != hidden.shape[:2]:
+        raise ValueError(f"old_log_probs shape {tuple(old_log_probs.shape)} does not match hidden's [batch, seq_len] "
+                         f"{tuple(hidden.shape[:2])}")
+    flat_targets = check_targets(targets, hidden.shape[:2], hidden.device, None, valid=mask)
+    backend = select_backend(implementation, hidden.device, chunk_bytes)
+    chunk_rows = rows_per_chunk(weight.shape[0], DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+
+    old = torch.where(mask, old_log_probs.detach().float(), 0.0)
+    adv32 = torch.where(mask, adv.detach().float(), 0.0)
+    rollout = None if rollout_log_probs is None else rollout_log_probs.detach().float()
+    weights = loss_weights(cfg, mask, old, rollout, total_tokens=total_tokens, total_seqs=total_seqs)
+    hint = (f"[{vocab_start}, {vocab_start + weight.shape[0]})" if group_size(process_group) == 1
+            else f"shards of {group_size(process_group)} ranks")
+    loss, logp = _LinearPolicyLoss.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets, old, adv32, mask, weights, cfg, backend,
+        inv_temperature, process_group, vocab_start, chunk_rows, reduce_hidden_grad, hint,
+    )
+    with torch.no_grad():
+        _, metrics = policy_loss(logp.view(mask.shape), old_log_probs, advantages, response_mask, config=cfg,
+                                 rollout_log_probs=rollout_log_probs, total_tokens=total_tokens,
+                                 total_seqs=total_seqs)
+    return loss, metrics
