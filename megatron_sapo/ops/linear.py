@@ -9,7 +9,7 @@ dW += dlogits^T @ H. For the token-local losses (sapo, grpo, cispo) that all hap
 need every token's log-prob first, so they take a statistics pass, the loss, then a gradient pass that recomputes
 each chunk's logits (four matmuls). The backward only scales the stored gradients by the incoming gradient.
 
-With a process group, dH is all-reduced across it (1 collective) unless reduce_hidden_grad=False, for callers that
+With a process group: 1 collective to agree on the chunking, 2 per chunk, and dH all-reduced (1 collective) unless reduce_hidden_grad=False, for callers that
 reduce it themselves (Megatron's tensor-parallel mappings). dW is accumulated in the weight's dtype.
 """
 
@@ -136,6 +136,11 @@ def fused_linear_policy_loss(
     flat_targets = check_targets(targets, hidden.shape[:2], hidden.device, None, valid=mask)
     backend = select_backend(implementation, hidden.device, chunk_bytes)
     chunk_rows = rows_per_chunk(weight.shape[0], DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    if group_size(process_group) > 1:
+        # every rank must cut the same chunks (each chunk merges across ranks), even with uneven vocab shards
+        agreed = torch.tensor([chunk_rows], device=hidden.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
+        chunk_rows = int(agreed.item())
 
     old = torch.where(mask, old_log_probs.detach().float(), 0.0)
     adv32 = torch.where(mask, adv.detach().float(), 0.0)
