@@ -58,7 +58,8 @@ int sapo_abi_version(void);
 /* Partial statistics of each row over this shard (for the vocab-parallel merge):
  *   row_max[i]    = max_v z[i, v]                      (-inf if the shard row is all -inf)
  *   row_sumexp[i] = sum_v exp(z[i, v] - row_max[i])    (0 if all -inf)
- *   row_zexp[i]   = sum_v exp(z[i, v] - row_max[i]) z[i, v]   (only if row_zexp != NULL; entropy)
+ *   row_zexp[i]   = sum_v exp(z[i, v] - row_max[i]) (row_max[i] - z[i, v])   (only if row_zexp != NULL; entropy;
+ *                   every term >= 0, so entropy = zexp / sumexp + log(sumexp) has no cancellation)
  *   target_z[i]   = z[i, targets[i] - vocab_start] if the target lies in this shard, else 0
  * Ignored rows (target < 0) get row_max = 0, row_sumexp = 1, row_zexp = 0, target_z = 0. */
 int sapo_logprob_stats(const void* logits, int32_t dtype, int64_t n, int64_t v, int64_t row_stride,
@@ -66,7 +67,7 @@ int sapo_logprob_stats(const void* logits, int32_t dtype, int64_t n, int64_t v, 
                        float* row_max, float* row_sumexp, float* row_zexp, float* target_z, void* stream);
 
 /* Single-rank fused forward: the statistics of a whole-vocab row, then in the same kernel
- *   logp[i] = target_z - lse, lse[i] = max + log(sumexp), entropy[i] = lse - zexp / sumexp (if entropy != NULL)
+ *   logp[i] = target_z - lse, lse[i] = max + log(sumexp), entropy[i] = zexp / sumexp + log(sumexp) (if != NULL)
  * and, if params.loss_kind != SAPO_LOSS_NONE, the per-token loss and its gradient coefficient, weighted:
  *   loss[i] = weights[i] * l_i,   grad_coeff[i] = weights[i] * dl_i/dlogp_i
  * (old_logp, advantages, weights, loss, grad_coeff are required then; weights carry the aggregation mode and any

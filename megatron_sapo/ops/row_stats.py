@@ -21,7 +21,7 @@ class RowStats(NamedTuple):
 
     max: torch.Tensor  # max_v z
     sumexp: torch.Tensor  # sum_v exp(z - max)
-    zexp: torch.Tensor | None  # sum_v exp(z - max) * z, for the entropy
+    zexp: torch.Tensor | None  # sum_v exp(z - max) (max - z) >= 0, for the entropy (no cancellation)
     target: torch.Tensor  # z at the target column if this shard owns it, else 0
 
 
@@ -38,9 +38,14 @@ def merge_row_stats(stats: RowStats, owned: torch.Tensor, group) -> tuple[RowSta
         return stats, owned.to(torch.float32)
     global_max = stats.max.clone()
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-    # A shard row of only -inf has sumexp 0 and max -inf: its rescale factor must be 0, not exp(nan).
-    scale = torch.where(stats.sumexp > 0, torch.exp(stats.max - global_max), torch.zeros_like(stats.sumexp))
-    zexp = torch.zeros_like(stats.sumexp) if stats.zexp is None else stats.zexp * scale
+    # A shard row of only -inf has sumexp 0 and max -inf: its terms must be 0, not exp(nan) or 0 * inf.
+    live = stats.sumexp > 0
+    zero = torch.zeros_like(stats.sumexp)
+    scale = torch.where(live, torch.exp(stats.max - global_max), zero)
+    if stats.zexp is None:
+        zexp = zero
+    else:  # re-centre sum exp(z - m)(m - z) on the global max M: add sumexp * (M - m), then rescale
+        zexp = torch.where(live, (stats.zexp + stats.sumexp * (global_max - stats.max)) * scale, zero)
     packed = torch.stack([stats.sumexp * scale, zexp, stats.target, owned.to(torch.float32)])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     merged = RowStats(global_max, packed[0], None if stats.zexp is None else packed[1], packed[2])
@@ -54,7 +59,7 @@ def finalize(stats: RowStats, ignored: torch.Tensor) -> tuple[torch.Tensor, torc
     logp = torch.where(ignored, zero, stats.target - lse)
     entropy = None
     if stats.zexp is not None:
-        entropy = torch.where(ignored, zero, lse - stats.zexp / stats.sumexp)
+        entropy = torch.where(ignored, zero, stats.zexp / stats.sumexp + torch.log(stats.sumexp))
     return logp, lse, entropy
 
 

@@ -1,8 +1,12 @@
 """The plain-torch implementation of the row statistics and of the log-prob backward, a chunk of rows at a time.
 
 It is the default for CPU tensors and wherever the CUDA library is not built. Its working memory is bounded by
-`chunk_bytes`: one chunk holds an fp32 copy of its logits plus one fp32 temporary of the same size (and a boolean
-mask for -inf entries), never the full [n, v] in fp32.
+`chunk_bytes`: fp32 logits are read in place, and a chunk costs at most one fp32 temporary of [rows, V] in the
+forward (logsumexp's), none in the backward when the gradient is fp32 (it is computed in the output buffer), one
+otherwise; the entropy adds one more. It never holds an fp32 [n, V] tensor.
+
+Its statistics use the row's log-sum-exp as the shift: max = lse and sumexp = 1 (0 for a row of only -inf), which
+merges across ranks exactly like a (max, sum-exp) pair.
 """
 
 from __future__ import annotations
@@ -16,6 +20,12 @@ DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
 def rows_per_chunk(vocab: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * vocab))
+
+
+def _as_fp32(x: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """z = x / T in fp32; no copy when x is already fp32 and T = 1."""
+    z = x.float()
+    return z if inv_temperature == 1.0 else z * inv_temperature
 
 
 class TorchChunkedBackend:
@@ -38,46 +48,52 @@ class TorchChunkedBackend:
     def stats(self, logits, targets, vocab_start: int, inv_temperature: float, with_entropy: bool) -> RowStats:
         n, vocab = logits.shape
         local, inside = self._local_targets(targets, vocab_start, vocab)
-        out = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(4)]
-        row_max, row_sumexp, row_zexp, target_z = out
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        target_z = torch.empty_like(lse)
+        zexp = torch.empty_like(lse) if with_entropy else None
         for rows in self._chunks(n, vocab):
-            z = logits[rows].to(torch.float32, copy=True).mul_(inv_temperature)
+            z = _as_fp32(logits[rows], inv_temperature)
+            lse[rows] = torch.logsumexp(z, dim=-1)
             target_z[rows] = torch.where(inside[rows], z.gather(1, local[rows, None])[:, 0], 0.0)
-            m = z.amax(dim=-1)
-            # rows of only -inf: shift by 0 so that exp gives 0 instead of exp(nan)
-            m_shift = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-            z.sub_(m_shift[:, None])
-            e = torch.exp(z)
-            row_max[rows], row_sumexp[rows] = m, e.sum(dim=-1)
             if with_entropy:
-                # sum e * z_original = sum e * (z - m) + m * sum e; -inf entries (e = 0) must give 0, not nan
-                z.masked_fill_(e == 0, 0.0)
-                row_zexp[rows] = e.mul_(z).sum(dim=-1) + m_shift * row_sumexp[rows]
-            del z, e
+                centred = lse[rows, None] - z
+                # sum p (lse - z) with 0 (not nan) at -inf entries, where p = 0
+                zexp[rows] = torch.where(centred < float("inf"), torch.exp(-centred) * centred, 0.0).sum(dim=-1)
+                del centred
+            del z
         ignored = targets < 0
-        row_max.masked_fill_(ignored, 0.0)
-        row_sumexp.masked_fill_(ignored, 1.0)
-        row_zexp.masked_fill_(ignored, 0.0)
-        return RowStats(row_max, row_sumexp, row_zexp if with_entropy else None, target_z)
+        sumexp = (lse > float("-inf")).to(torch.float32).masked_fill_(ignored, 1.0)
+        lse.masked_fill_(ignored, 0.0)
+        target_z.masked_fill_(ignored, 0.0)
+        if zexp is not None:
+            zexp.masked_fill_(ignored, 0.0)
+        return RowStats(lse, sumexp, zexp, target_z)
 
     def backward(self, logits, targets, vocab_start, inv_temperature, lse, grad_logp, grad_entropy, entropy, out):
         """out[i, v] = inv_T * (g_logp (1[v = target] - p) - g_entropy p (z - lse + entropy)); out may be logits."""
         n, vocab = logits.shape
         local, inside = self._local_targets(targets, vocab_start, vocab)
-        valid = (targets >= 0).to(torch.float32)
-        g_logp = grad_logp.to(torch.float32) * valid
+        valid = targets >= 0
+        g_logp = torch.where(valid, grad_logp.to(torch.float32), 0.0)
+        direct = out.dtype == torch.float32 and out.stride(1) == 1
         for rows in self._chunks(n, vocab):
-            logp = logits[rows].to(torch.float32, copy=True).mul_(inv_temperature).sub_(lse[rows, None])
-            p = torch.exp(logp)
+            z = _as_fp32(logits[rows], inv_temperature)
+            # log p, computed straight into the output rows when they are fp32 (in place when out is the logits)
+            grad = torch.sub(z, lse[rows, None], out=out[rows] if direct else None)
+            del z
             if grad_entropy is not None:
-                g_ent = (grad_entropy[rows].to(torch.float32) * valid[rows])[:, None]
-                # p (log p + H), with 0 (not nan) at -inf entries where p = 0
-                ent_term = logp.masked_fill_(p == 0, 0.0).add_(entropy[rows, None]).mul_(p).mul_(g_ent)
-            grad = p.mul_(-g_logp[rows, None])
+                g_ent = torch.where(valid[rows], grad_entropy[rows].to(torch.float32), 0.0)[:, None]
+                p = torch.exp(grad)
+                ent_term = torch.where(p > 0, p * (grad + entropy[rows, None]), 0.0).mul_(g_ent)
+                del p
+            grad.exp_().mul_(-g_logp[rows, None])
             if grad_entropy is not None:
                 grad.sub_(ent_term)
-            del logp
+                del ent_term
             grad.scatter_add_(1, local[rows, None], torch.where(inside[rows], g_logp[rows], 0.0)[:, None])
-            out[rows] = grad.mul_(inv_temperature)
-            del grad, p
+            if inv_temperature != 1.0:
+                grad.mul_(inv_temperature)
+            if not direct:
+                out[rows] = grad
+            del grad
         return out
