@@ -8,12 +8,17 @@ OUT ?= outputs
 
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: help install test demo clean
+include kernels/kernels.mk
+
+.PHONY: help install test test-kernels-native kernels bench demo clean
 
 help:
 	@echo "make install  create $(VENV) and install megatron_sapo with the pinned CI versions"
 	@echo "make demo     the main job (until the trainer lands: the loss library's Figure 1 and gate table)"
-	@echo "make test     install, then run the test suite"
+	@echo "make test     install, build the host kernels, then run the test suite"
+	@echo "make kernels  build kernels/build/libsapo_kernels_{host,cuda}.so (the CUDA one needs nvcc)"
+	@echo "make test-kernels-native  the kernels' C++ checks: host run, ThreadSanitizer, nvcc build"
+	@echo "make bench    the fused-loss benchmark (tools/bench_fused_loss.py)"
 
 $(STAMP): setup.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,12 +27,22 @@ $(STAMP): setup.py $(CONSTRAINTS)
 
 install: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest tests
+kernels: kernels-build
+
+# The test suite runs the CUDA source through its host build, so it needs that library (not nvcc).
+test: $(STAMP) $(KERNEL_HOST_LIB)
+	SAPO_REQUIRE_KERNELS=1 $(PY) -m pytest tests
+
+test-kernels-native:
+	bash kernels/tests_host/run.sh
+	bash kernels/tests_host/run_sapo_kernels.sh
+
+bench: $(STAMP)
+	$(PY) tools/bench_fused_loss.py
 
 demo: $(STAMP)
 	$(VENV)/bin/megatron-sapo info
 	$(PY) tools/plot_sapo_gate.py --out $(OUT)/sapo_gate.png
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(OUT)
+	rm -rf $(VENV) build *.egg-info $(OUT) $(KERNEL_BUILD)

@@ -11,7 +11,11 @@
  *                a negative target marks an ignored row (log-prob 0, loss 0, gradient 0)
  *   z            logits * inv_temperature, computed in fp32
  *   -inf logits are valid (padded vocab entries) and contribute nothing.
- * Every function returns 0 on success, a negative SAPO_ERR_* for bad arguments, or a positive CUDA error code.
+ * Pointers are aligned to their element size (as torch's are); rows whose address allows it are read as 16-byte
+ * vectors. Each function launches one kernel with one block per row and does not synchronise.
+ * Every function returns 0 on success, a negative SAPO_ERR_* for bad arguments, or a positive CUDA error code
+ * (cudaGetLastError() after the launch). Arguments are checked in the order dtype, shape, loss parameters; then
+ * n == 0 returns 0 without launching (empty tensors may have NULL data); then the pointers.
  */
 #ifndef SAPO_KERNELS_H
 #define SAPO_KERNELS_H
@@ -30,9 +34,11 @@ enum sapo_loss_kind { SAPO_LOSS_NONE = 0, SAPO_LOSS_SAPO = 1, SAPO_LOSS_GRPO = 2
 
 enum sapo_error {
   SAPO_ERR_BAD_DTYPE = -1,
-  SAPO_ERR_BAD_SHAPE = -2,    /* n < 0, v <= 0, row_stride < v */
-  SAPO_ERR_NULL_POINTER = -3, /* a required pointer is NULL */
-  SAPO_ERR_BAD_LOSS = -4,     /* unknown loss kind or invalid parameter (tau <= 0, ...) */
+  SAPO_ERR_BAD_SHAPE = -2,    /* n < 0, n > INT32_MAX (one block per row), v <= 0, row_stride < v; backward:
+                                 grad_row_stride < v, or in place (grad_logits == logits) with another stride */
+  SAPO_ERR_NULL_POINTER = -3, /* a required pointer is NULL (only checked when n > 0) */
+  SAPO_ERR_BAD_LOSS = -4,     /* unknown loss kind or invalid parameter: SAPO tau_pos or tau_neg <= 0, GRPO
+                                 ratio_low > ratio_high or clip_c NaN, log_ratio_clamp <= 0 (NaN is invalid) */
 };
 
 /* Per-token loss of the fused forward, as in megatron_sapo.losses (../shared/ALGORITHM.md):
@@ -71,7 +77,10 @@ int sapo_logprob_stats(const void* logits, int32_t dtype, int64_t n, int64_t v, 
  * and, if params.loss_kind != SAPO_LOSS_NONE, the per-token loss and its gradient coefficient, weighted:
  *   loss[i] = weights[i] * l_i,   grad_coeff[i] = weights[i] * dl_i/dlogp_i
  * (old_logp, advantages, weights, loss, grad_coeff are required then; weights carry the aggregation mode and any
- * rollout-correction weight, 0 for tokens outside the response mask). Ignored rows give 0 everywhere. */
+ * rollout-correction weight, 0 for tokens outside the response mask). A zero weight gives loss = grad_coeff = 0
+ * exactly, without reading that token's old_logp and advantage (they may hold anything, NaN included).
+ * Ignored rows give 0 in every output. A target >= v reads no logit (target z = 0, as in sapo_logprob_stats): the
+ * caller checks the ids. */
 int sapo_fused_forward(const void* logits, int32_t dtype, int64_t n, int64_t v, int64_t row_stride,
                        const int64_t* targets, float inv_temperature, const float* old_logp,
                        const float* advantages, const float* weights, sapo_loss_params params, float* logp,
@@ -81,8 +90,9 @@ int sapo_fused_forward(const void* logits, int32_t dtype, int64_t n, int64_t v, 
  *   p = exp(z - lse[i])
  *   grad_logits[i, v] = inv_temperature * ( grad_logp[i] * (1[v == target] - p)
  *                                          - grad_entropy[i] * p * (z - lse[i] + entropy[i]) )
- * written in the logits' dtype; grad_entropy and entropy may be NULL (no entropy term). grad_logits may be the logits
- * buffer itself (in place). Ignored rows get zeros. */
+ * written in the logits' dtype; grad_entropy and entropy may be NULL (no entropy term; a non-NULL grad_entropy needs
+ * entropy). grad_logits may be the logits buffer itself (in place, same row stride). Entries whose logit is -inf and
+ * ignored rows get exactly 0; the columns between v and grad_row_stride are not written. */
 int sapo_logprob_backward(const void* logits, int32_t dtype, int64_t n, int64_t v, int64_t row_stride,
                           const int64_t* targets, int64_t vocab_start, float inv_temperature, const float* lse,
                           const float* grad_logp, const float* grad_entropy, const float* entropy,
