@@ -69,6 +69,8 @@ def worker(args) -> dict:
         else:
             fn = naive_linear_policy_loss if impl == "naive" else fused_linear_policy_loss
         kwargs = {} if impl == "naive" else {"implementation": impl}
+        if impl != "naive" and args.chunk_mib:
+            kwargs["chunk_bytes"] = args.chunk_mib << 20
         loss, _ = fn(*inputs, targets, old, adv, mask, **kwargs)
         return torch.autograd.grad(loss, inputs)
 
@@ -123,6 +125,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--paths", nargs="+", default=["logits", "linear"], choices=["logits", "linear"])
+    parser.add_argument("--chunk-mib", type=int, default=0, help="chunk size of the fused paths (0: their default)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,7 +141,8 @@ def main() -> None:
         results = {}
         for impl in ("naive", fused_impl):
             cmd = [sys.executable, __file__, "--worker", f"{path}:{impl}"] + [
-                f"--{k}={getattr(args, k)}" for k in ("n", "vocab", "hidden", "dtype", "device", "threads")]
+                f"--{k.replace('_', '-')}={getattr(args, k)}"
+                for k in ("n", "vocab", "hidden", "dtype", "device", "threads", "chunk_mib")]
             print(f"  running {path}:{impl} ...", file=sys.stderr, flush=True)
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:

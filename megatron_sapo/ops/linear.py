@@ -22,9 +22,13 @@ from ..losses import TOKEN_LOCAL_LOSS_TYPES, loss_weights, make_loss_config, pol
 from ..losses.config import LossConfig
 from ..losses.validation import check_policy_inputs
 from .backends import select_backend
-from .logprobs import shard_log_probs
+from .logprobs import log_probs_from_stats, shard_log_probs
 from .row_stats import group_size
-from .torch_chunked import DEFAULT_CHUNK_BYTES, rows_per_chunk
+from .torch_chunked import rows_per_chunk
+
+# Larger than the logits path's chunks: each chunk re-reads and re-writes the whole dW accumulator, so fewer chunks
+# are faster (measured on CPU at N=2048, V=151936, H=1024: 64 MiB 1.27x naive's time, 128 MiB 0.95x).
+DEFAULT_LINEAR_CHUNK_BYTES = 128 * 1024 * 1024
 from .validation import check_targets, check_temperature, check_vocab_start
 
 
@@ -50,30 +54,48 @@ class _LinearPolicyLoss(torch.autograd.Function):
         lse_all = hidden.new_zeros(n, dtype=torch.float32)
         chunks = [slice(i, min(i + chunk_rows, n)) for i in range(0, n, chunk_rows)]
 
-        def backprop_chunk(rows, logits, lse, grad_logp):
-            dlogits = backend.backward(logits, targets[rows], vocab_start, inv_temperature, lse, grad_logp, None,
-                                       None, logits)
+        in_buffer = hasattr(backend, "stats_inplace")
+
+        def chunk_log_probs(rows):
+            """(logp, lse, finish) of one chunk; finish(d loss / d logp) returns the chunk's d loss / d logits."""
+            logits, chunk_targets = hidden[rows] @ weight.t(), targets[rows]
+            if in_buffer:  # the torch backend works inside the chunk's own fp32 buffer
+                buf = logits.float()
+                local = backend.stats_inplace(buf, chunk_targets, vocab_start, inv_temperature)
+                logp, lse, _, merged = log_probs_from_stats(local, chunk_targets, vocab_start, weight.shape[0],
+                                                            group, hint)
+                return logp, lse, lambda g: backend.grad_from_exp_inplace(
+                    buf, chunk_targets, vocab_start, inv_temperature, local, merged, g)
+            logp, lse, _ = shard_log_probs(backend, logits, chunk_targets, vocab_start, inv_temperature, group,
+                                           False, hint)
+            return logp, lse, lambda g: backend.backward(logits, chunk_targets, vocab_start, inv_temperature, lse, g,
+                                                         None, None, logits)
+
+        def backprop_chunk(rows, dlogits):
+            dlogits = dlogits.to(weight.dtype)
             grad_hidden[rows] = dlogits @ weight
             grad_weight.addmm_(dlogits.t(), hidden[rows])
 
         token_local = cfg.loss_type in TOKEN_LOCAL_LOSS_TYPES
         loss = hidden.new_zeros((), dtype=torch.float32)
         for rows in chunks:
-            logits = hidden[rows] @ weight.t()
-            logp, lse, _ = shard_log_probs(backend, logits, targets[rows], vocab_start, inv_temperature, group,
-                                           False, hint)
+            logp, lse, finish = chunk_log_probs(rows)
             logp_all[rows], lse_all[rows] = logp, lse
             if token_local:
                 part = {k: v[rows, None] for k, v in flat.items()}
                 chunk_loss, grad = _loss_and_grad(cfg, logp[:, None], part["old"], part["adv"], part["mask"],
                                                   part["w"])
                 loss += chunk_loss
-                backprop_chunk(rows, logits, lse, grad[:, 0])
+                backprop_chunk(rows, finish(grad[:, 0]))
+            del finish  # frees this chunk's logits before the next chunk's matmul allocates its own
         if not token_local:
             loss, grad = _loss_and_grad(cfg, logp_all.view(shape), old, adv, mask, weights)
             grad = grad.reshape(-1)
             for rows in chunks:
-                backprop_chunk(rows, hidden[rows] @ weight.t(), lse_all[rows], grad[rows])
+                logits = hidden[rows] @ weight.t()
+                backprop_chunk(rows, backend.backward(logits, targets[rows], vocab_start, inv_temperature,
+                                                      lse_all[rows], grad[rows], None, None, logits))
+                del logits
         if reduce_hidden_grad and group_size(group) > 1:
             dist.all_reduce(grad_hidden, group=group)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -83,8 +105,11 @@ class _LinearPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp):
         grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_loss.to(grad_hidden.dtype)
-        return (grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype)) + (None,) * 13
+        # the usual incoming gradient is exactly 1: hand over the stored gradients instead of a weight-sized copy
+        if grad_loss.item() != 1.0:
+            grad_hidden, grad_weight = grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(
+                grad_weight.dtype)
+        return (grad_hidden, grad_weight) + (None,) * 13
 
 
 def fused_linear_policy_loss(
@@ -111,7 +136,7 @@ def fused_linear_policy_loss(
 
     hidden [B, T, H] (the last hidden states of the tokens that predict `targets`), weight [V_local, H] (this rank's
     output-layer shard, starting at vocab_start), targets [B, T] global ids. chunk_bytes bounds one chunk's fp32
-    logits (default 64 MiB). Loss options as in losses.policy_loss.
+    logits (default 128 MiB). Loss options as in losses.policy_loss.
     """
     cfg = make_loss_config(config, **options)
     inv_temperature = check_temperature(temperature)
@@ -135,7 +160,7 @@ def fused_linear_policy_loss(
                          f"{tuple(hidden.shape[:2])}")
     flat_targets = check_targets(targets, hidden.shape[:2], hidden.device, None, valid=mask)
     backend = select_backend(implementation, hidden.device, chunk_bytes)
-    chunk_rows = rows_per_chunk(weight.shape[0], DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    chunk_rows = rows_per_chunk(weight.shape[0], DEFAULT_LINEAR_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
     if group_size(process_group) > 1:
         # every rank must cut the same chunks (each chunk merges across ranks), even with uneven vocab shards
         agreed = torch.tensor([chunk_rows], device=hidden.device)

@@ -15,19 +15,24 @@ from .row_stats import check_rows, finalize, group_size, merge_row_stats
 from .validation import check_logits, check_targets, check_temperature, check_vocab_start
 
 
+def log_probs_from_stats(stats, targets, vocab_start, vocab_local, group, vocab_hint):
+    """Merge shard statistics across the group, finalize and check: (logp, lse, entropy or None, merged stats)."""
+    local = targets - vocab_start
+    owned = (targets >= 0) & (local >= 0) & (local < vocab_local)
+    merged, owners = merge_row_stats(stats, owned, group)
+    ignored = targets < 0
+    logp, lse, entropy = finalize(merged, ignored)
+    check_rows(logp, owners, ignored, vocab_hint)
+    return logp, lse, entropy, merged
+
+
 def shard_log_probs(backend, logits, targets, vocab_start, inv_temperature, group, with_entropy, vocab_hint):
     """Forward of the log-prob op on 2-D rows: (logp, lse, entropy or None), all float32 [n], checked."""
     if logits.shape[0] == 0:
         empty = logits.new_zeros(0, dtype=torch.float32)
         return empty, empty, (empty if with_entropy else None)
     stats = backend.stats(logits, targets, vocab_start, inv_temperature, with_entropy)
-    local = targets - vocab_start
-    owned = (targets >= 0) & (local >= 0) & (local < logits.shape[1])
-    merged, owners = merge_row_stats(stats, owned, group)
-    ignored = targets < 0
-    logp, lse, entropy = finalize(merged, ignored)
-    check_rows(logp, owners, ignored, vocab_hint)
-    return logp, lse, entropy
+    return log_probs_from_stats(stats, targets, vocab_start, logits.shape[1], group, vocab_hint)[:3]
 
 
 class _LogProbs(torch.autograd.Function):

@@ -32,10 +32,12 @@ def kernel_loss_params(cfg: LossConfig) -> LossParams:
 class _FusedKernelPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, old, adv, weights, backend, params, inv_temperature, inplace, hint):
+        # targets are shard-local here; the kernel does not range-check them, check_rows does
         logp, lse, token_loss, grad_coeff = backend.fused_forward(logits, targets, inv_temperature, old, adv, weights,
                                                                   params)
-        ignored = targets < 0
-        check_rows(logp, (~ignored).to(torch.float32), ignored, hint)
+        ignored = targets == -1
+        owned = (targets >= 0) & (targets < logits.shape[1])
+        check_rows(logp, owned.to(torch.float32), ignored, hint)
         ctx.backend, ctx.inv_temperature, ctx.inplace = backend, inv_temperature, inplace
         ctx.save_for_backward(logits, targets, lse, grad_coeff)
         ctx.mark_non_differentiable(logp)
@@ -94,8 +96,11 @@ def fused_policy_loss(
         rollout = None if rollout_log_probs is None else rollout_log_probs.detach().float()
         weights = loss_weights(cfg, mask, old, rollout, total_tokens=total_tokens, total_seqs=total_seqs)
         hint = f"[{vocab_start}, {vocab_start + rows.shape[1]})"
+        # a target below vocab_start becomes local id -2: not ignored (-1), reported as out of range
+        local_targets = torch.where(flat_targets >= 0, flat_targets - vocab_start, -1)
+        local_targets = torch.where(local_targets < -1, -2, local_targets)
         loss, logp = _FusedKernelPolicyLoss.apply(
-            rows, flat_targets, old.reshape(-1), adv32.reshape(-1).contiguous(), weights.reshape(-1).contiguous(),
+            rows, local_targets, old.reshape(-1), adv32.reshape(-1).contiguous(), weights.reshape(-1).contiguous(),
             backend, kernel_loss_params(cfg), inv_temperature, inplace_backward, hint,
         )
         with torch.no_grad():

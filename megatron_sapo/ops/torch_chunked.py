@@ -5,7 +5,10 @@ It is the default for CPU tensors and wherever the CUDA library is not built. It
 forward (logsumexp's), none in the backward when the gradient is fp32 (it is computed in the output buffer), one
 otherwise; the entropy adds one more. It never holds an fp32 [n, V] tensor.
 
-Its statistics use the row's log-sum-exp as the shift: max = lse and sumexp = 1 (0 for a row of only -inf), which
+For the output-layer path, whose logits chunk is a temporary of its own, stats_inplace and grad_from_exp_inplace
+work inside that buffer: no temporary at all, and fewer passes over it.
+
+Its `stats` use the row's log-sum-exp as the shift: max = lse and sumexp = 1 (0 for a row of only -inf), which
 merges across ranks exactly like a (max, sum-exp) pair.
 """
 
@@ -20,6 +23,11 @@ DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
 def rows_per_chunk(vocab: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * vocab))
+
+
+def _shift(row_max: torch.Tensor) -> torch.Tensor:
+    """The row max as an exp shift; 0 for rows of only -inf, so that exp gives 0 rather than exp(nan)."""
+    return torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
 
 
 def _as_fp32(x: torch.Tensor, inv_temperature: float) -> torch.Tensor:
@@ -68,6 +76,31 @@ class TorchChunkedBackend:
         if zexp is not None:
             zexp.masked_fill_(ignored, 0.0)
         return RowStats(lse, sumexp, zexp, target_z)
+
+    def stats_inplace(self, buf: torch.Tensor, targets, vocab_start: int, inv_temperature: float) -> RowStats:
+        """Statistics of an fp32 chunk that the caller owns, with no temporary: buf is left holding
+        exp(z - shift), shift = max (0 for a row of only -inf), for grad_from_exp_inplace."""
+        vocab = buf.shape[1]
+        local, inside = self._local_targets(targets, vocab_start, vocab)
+        if inv_temperature != 1.0:
+            buf.mul_(inv_temperature)
+        target_z = torch.where(inside, buf.gather(1, local[:, None])[:, 0], 0.0)
+        row_max = buf.amax(dim=-1)
+        buf.sub_(_shift(row_max)[:, None]).exp_()
+        ignored = targets < 0
+        sumexp = buf.sum(dim=-1).masked_fill_(ignored, 1.0)
+        return RowStats(row_max.masked_fill_(ignored, 0.0), sumexp, None, target_z.masked_fill_(ignored, 0.0))
+
+    def grad_from_exp_inplace(self, buf, targets, vocab_start, inv_temperature, local: RowStats, merged: RowStats,
+                              grad_logp) -> torch.Tensor:
+        """Turn buf = exp(z - shift) (from stats_inplace) into inv_T * g (onehot - p) in place, with p normalised by
+        the merged (whole-vocab) statistics."""
+        index, inside = self._local_targets(targets, vocab_start, buf.shape[1])
+        g = torch.where(targets >= 0, grad_logp.to(torch.float32), 0.0)
+        to_prob = torch.exp(_shift(local.max) - merged.max) / merged.sumexp
+        buf.mul_((-g * to_prob)[:, None])
+        buf.scatter_add_(1, index[:, None], torch.where(inside, g, 0.0)[:, None])
+        return buf.mul_(inv_temperature) if inv_temperature != 1.0 else buf
 
     def backward(self, logits, targets, vocab_start, inv_temperature, lse, grad_logp, grad_entropy, entropy, out):
         """out[i, v] = inv_T * (g_logp (1[v = target] - p) - g_entropy p (z - lse + entropy)); out may be logits."""

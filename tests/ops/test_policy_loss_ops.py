@@ -139,6 +139,18 @@ def test_fused_policy_loss_bad_input(kwargs, message):
         fused_policy_loss(args["logits"], args["targets"], args["old"], args["adv"], args["mask"], **options)
 
 
+@pytest.mark.parametrize("implementation", implementations())
+@pytest.mark.parametrize("bad_id,vocab_start", [(123, 0), (10_000, 0), (5, 10)])
+def test_fused_policy_loss_target_out_of_shard(implementation, bad_id, vocab_start):
+    logits, targets, old, adv, mask, _, _ = batch()
+    targets = targets.clone() + vocab_start
+    targets[~mask] = -100
+    targets[1, 2] = bad_id
+    mask[1, 2] = True
+    with pytest.raises(ValueError, match="target id out of range at rows \\[7\\]"):
+        fused_policy_loss(logits, targets, old, adv, mask, vocab_start=vocab_start, implementation=implementation)
+
+
 def test_fused_linear_bad_input():
     _, targets, old, adv, mask, h, w = batch()
     with pytest.raises(ValueError, match="same H"):
