@@ -18,18 +18,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..losses import TOKEN_LOCAL_LOSS_TYPES, loss_weights, make_loss_config, policy_loss, token_losses
+from ..losses import TOKEN_LOCAL_LOSS_TYPES, make_loss_config, token_losses
 from ..losses.config import LossConfig
-from ..losses.validation import check_policy_inputs
 from .backends import select_backend
-from .logprobs import log_probs_from_stats, shard_log_probs
+from .logprobs import log_probs_from_stats, shard_log_probs, vocab_hint
+from .policy_loss import loss_metrics, prepare_loss_inputs
 from .row_stats import group_size
 from .torch_chunked import rows_per_chunk
 
 # Larger than the logits path's chunks: each chunk re-reads and re-writes the whole dW accumulator, so fewer chunks
 # are faster (measured on CPU at N=2048, V=151936, H=1024: 64 MiB 1.27x naive's time, 128 MiB 0.95x).
 DEFAULT_LINEAR_CHUNK_BYTES = 128 * 1024 * 1024
-from .validation import check_targets, check_temperature, check_vocab_start
+from .validation import check_temperature
 
 
 def _loss_and_grad(cfg, logp, old, adv, mask, weights):
@@ -153,12 +153,9 @@ def fused_linear_policy_loss(
                          "share dtype and device")
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocab shard (0 rows)")
-    check_vocab_start(vocab_start)
-    mask, adv = check_policy_inputs(None, old_log_probs, advantages, response_mask, rollout_log_probs)
-    if old_log_probs.shape != hidden.shape[:2]:
-        raise ValueError(f"old_log_probs shape {tuple(old_log_probs.shape)} does not match hidden's [batch, seq_len] "
-                         f"{tuple(hidden.shape[:2])}")
-    flat_targets = check_targets(targets, hidden.shape[:2], hidden.device, None, valid=mask)
+    common = dict(config=cfg, rollout_log_probs=rollout_log_probs, total_tokens=total_tokens, total_seqs=total_seqs)
+    inputs = prepare_loss_inputs(hidden, "hidden's", targets, old_log_probs, advantages, response_mask, vocab_start,
+                                 **common)
     backend = select_backend(implementation, hidden.device, chunk_bytes)
     chunk_rows = rows_per_chunk(weight.shape[0], DEFAULT_LINEAR_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
     if group_size(process_group) > 1:
@@ -167,18 +164,9 @@ def fused_linear_policy_loss(
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
         chunk_rows = int(agreed.item())
 
-    old = torch.where(mask, old_log_probs.detach().float(), 0.0)
-    adv32 = torch.where(mask, adv.detach().float(), 0.0)
-    rollout = None if rollout_log_probs is None else rollout_log_probs.detach().float()
-    weights = loss_weights(cfg, mask, old, rollout, total_tokens=total_tokens, total_seqs=total_seqs)
-    hint = (f"[{vocab_start}, {vocab_start + weight.shape[0]})" if group_size(process_group) == 1
-            else f"shards of {group_size(process_group)} ranks")
     loss, logp = _LinearPolicyLoss.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets, old, adv32, mask, weights, cfg, backend,
-        inv_temperature, process_group, vocab_start, chunk_rows, reduce_hidden_grad, hint,
+        hidden.reshape(-1, hidden.shape[-1]), weight, inputs.targets, inputs.old, inputs.adv, inputs.mask,
+        inputs.weights, cfg, backend, inv_temperature, process_group, vocab_start, chunk_rows, reduce_hidden_grad,
+        vocab_hint(weight.shape[0], vocab_start, process_group),
     )
-    with torch.no_grad():
-        _, metrics = policy_loss(logp.view(mask.shape), old_log_probs, advantages, response_mask, config=cfg,
-                                 rollout_log_probs=rollout_log_probs, total_tokens=total_tokens,
-                                 total_seqs=total_seqs)
-    return loss, metrics
+    return loss, loss_metrics(logp, old_log_probs, advantages, response_mask, **common)

@@ -84,14 +84,15 @@ def fused_logprobs(
     rows = check_logits(logits)
     flat_targets = check_targets(targets, logits.shape[:-1], logits.device, ignore_index)
     backend = select_backend(implementation, logits.device, chunk_bytes)
-    hint = _vocab_hint(rows.shape[1], vocab_start, process_group)
+    hint = vocab_hint(rows.shape[1], vocab_start, process_group)
     logp, entropy = _LogProbs.apply(rows, flat_targets, backend, vocab_start, inv_temperature, process_group,
                                     return_entropy, inplace_backward, hint)
     logp = logp.view(targets.shape)
     return (logp, entropy.view(targets.shape)) if return_entropy else logp
 
 
-def _vocab_hint(vocab_local: int, vocab_start: int, group) -> str:
+def vocab_hint(vocab_local: int, vocab_start: int, group) -> str:
+    """How an out-of-range error names the vocab: this rank's range, or the group's shards."""
     if group_size(group) == 1:
         return f"[{vocab_start}, {vocab_start + vocab_local})"
     return f"shards of {group_size(group)} ranks"

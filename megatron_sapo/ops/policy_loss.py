@@ -9,6 +9,8 @@ either way no fp32 [tokens, vocab] tensor exists and the result means exactly wh
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..losses import loss_weights, make_loss_config, policy_loss
@@ -16,7 +18,7 @@ from ..losses.config import LossConfig
 from ..losses.validation import check_policy_inputs
 from .backends import select_backend
 from .kernel_library import LOSS_KINDS, LossParams
-from .logprobs import fused_logprobs
+from .logprobs import fused_logprobs, vocab_hint
 from .row_stats import check_rows, group_size
 from .validation import check_logits, check_targets, check_temperature, check_vocab_start
 
@@ -27,6 +29,39 @@ def kernel_loss_params(cfg: LossConfig) -> LossParams:
         loss_kind=LOSS_KINDS[cfg.loss_type], tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg, ratio_low=1.0 - low,
         ratio_high=1.0 + high, clip_c=cfg.clip_ratio_c or 0.0, log_ratio_clamp=cfg.log_ratio_clamp,
     )
+
+
+class LossInputs(NamedTuple):
+    """The per-token inputs of a fused loss, checked: fp32 [B, T] tensors zeroed outside the mask, and the flat
+    targets with -1 at ignored positions."""
+
+    mask: torch.Tensor
+    targets: torch.Tensor
+    old: torch.Tensor
+    adv: torch.Tensor
+    weights: torch.Tensor  # aggregation x rollout-correction weight of each token (losses.loss_weights)
+
+
+def prepare_loss_inputs(source, source_name, targets, old_log_probs, advantages, response_mask, vocab_start, *,
+                        config, rollout_log_probs, total_tokens, total_seqs) -> LossInputs:
+    """Check the loss inputs against `source` (logits or hidden states, [B, T, ...]) and prepare them."""
+    check_vocab_start(vocab_start)
+    mask, adv = check_policy_inputs(None, old_log_probs, advantages, response_mask, rollout_log_probs)
+    if old_log_probs.shape != source.shape[:2]:
+        raise ValueError(f"old_log_probs shape {tuple(old_log_probs.shape)} does not match {source_name} "
+                         f"[batch, seq_len] {tuple(source.shape[:2])}")
+    flat_targets = check_targets(targets, source.shape[:2], source.device, None, valid=mask)
+    old = torch.where(mask, old_log_probs.detach().float(), 0.0)
+    rollout = None if rollout_log_probs is None else rollout_log_probs.detach().float()
+    weights = loss_weights(config, mask, old, rollout, total_tokens=total_tokens, total_seqs=total_seqs)
+    return LossInputs(mask, flat_targets, old, torch.where(mask, adv.detach().float(), 0.0), weights)
+
+
+def loss_metrics(log_probs, old_log_probs, advantages, response_mask, **common) -> dict[str, float]:
+    """The loss library's metrics for fused-computed log-probs (flat [B * T] or [B, T])."""
+    with torch.no_grad():
+        return policy_loss(log_probs.view(response_mask.shape), old_log_probs, advantages, response_mask,
+                           **common)[1]
 
 
 class _FusedKernelPolicyLoss(torch.autograd.Function):
@@ -78,36 +113,26 @@ def fused_policy_loss(
     """
     cfg = make_loss_config(config, **options)
     inv_temperature = check_temperature(temperature)
-    check_vocab_start(vocab_start)
     rows = check_logits(logits)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [batch, seq_len, vocab_shard], got shape {tuple(logits.shape)}")
-    mask, adv = check_policy_inputs(None, old_log_probs, advantages, response_mask, rollout_log_probs)
-    if old_log_probs.shape != logits.shape[:2]:
-        raise ValueError(f"old_log_probs shape {tuple(old_log_probs.shape)} does not match logits' [batch, seq_len] "
-                         f"{tuple(logits.shape[:2])}")
-    flat_targets = check_targets(targets, logits.shape[:2], logits.device, None, valid=mask)
     common = dict(config=cfg, rollout_log_probs=rollout_log_probs, total_tokens=total_tokens, total_seqs=total_seqs)
+    inputs = prepare_loss_inputs(logits, "logits'", targets, old_log_probs, advantages, response_mask, vocab_start,
+                                 **common)
     backend = select_backend(implementation, logits.device, chunk_bytes)
 
     if backend.has_fused_loss and cfg.loss_type in LOSS_KINDS and group_size(process_group) == 1:
-        old = torch.where(mask, old_log_probs.detach().float(), 0.0)
-        adv32 = torch.where(mask, adv.detach().float(), 0.0)
-        rollout = None if rollout_log_probs is None else rollout_log_probs.detach().float()
-        weights = loss_weights(cfg, mask, old, rollout, total_tokens=total_tokens, total_seqs=total_seqs)
-        hint = f"[{vocab_start}, {vocab_start + rows.shape[1]})"
         # a target below vocab_start becomes local id -2: not ignored (-1), reported as out of range
-        local_targets = torch.where(flat_targets >= 0, flat_targets - vocab_start, -1)
+        local_targets = torch.where(inputs.targets >= 0, inputs.targets - vocab_start, -1)
         local_targets = torch.where(local_targets < -1, -2, local_targets)
         loss, logp = _FusedKernelPolicyLoss.apply(
-            rows, local_targets, old.reshape(-1), adv32.reshape(-1).contiguous(), weights.reshape(-1).contiguous(),
-            backend, kernel_loss_params(cfg), inv_temperature, inplace_backward, hint,
+            rows, local_targets, inputs.old.reshape(-1), inputs.adv.reshape(-1), inputs.weights.reshape(-1), backend,
+            kernel_loss_params(cfg), inv_temperature, inplace_backward,
+            vocab_hint(rows.shape[1], vocab_start, process_group),
         )
-        with torch.no_grad():
-            _, metrics = policy_loss(logp.view(mask.shape), old_log_probs, advantages, response_mask, **common)
-        return loss, metrics
+        return loss, loss_metrics(logp, old_log_probs, advantages, response_mask, **common)
 
-    logp = fused_logprobs(logits, flat_targets.view(mask.shape), temperature=temperature,
+    logp = fused_logprobs(logits, inputs.targets.view(inputs.mask.shape), temperature=temperature,
                           process_group=process_group, vocab_start=vocab_start, ignore_index=-1,
                           implementation=implementation, inplace_backward=inplace_backward, chunk_bytes=chunk_bytes)
     return policy_loss(logp, old_log_probs, advantages, response_mask, **common)
