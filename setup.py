@@ -26,6 +26,8 @@ setup(
         "packaging",
         "psutil",  # megatron-core's dist_checkpointing needs it without declaring it
         "pyyaml>=6",
+        "safetensors>=0.4",
+        "transformers>=4.51",  # Qwen3 / Qwen3-MoE configs; also the reference the policy is tested against
     ],
     extras_require={
         "sglang": ["sglang>=0.5.23"],
