@@ -1,6 +1,7 @@
 """Hugging Face safetensors <-> this rank's Megatron-Core parameters, for any TP / PP / EP layout.
 
-Each Megatron parameter of the local layer spec is derived from named HF tensors by a small rule (`_rule`):
+Each Megatron parameter of the local layer spec is derived from named HF tensors by a Rule (`rule_for`), applied by
+`shard` on load and inverted by `unshard` on export:
   embedding.word_embeddings / output_layer    vocab rows split over TP (padded rows zero)
   linear_qkv                                  q, k, v interleaved per query group, groups split over TP
   linear_proj, linear_fc2                     split over TP along the input dimension
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -87,16 +89,23 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
 
 
-def _rule(name: str, arch: HFArchitecture, lay: Layout, padded_vocab: int):
-    """(HF keys used, function of those tensors giving this rank's value) for one Megatron parameter name."""
-    tp, r = lay.tp, lay.tp_rank
+class Rule(NamedTuple):
+    """How one Megatron parameter relates to HF tensors: `keys` -> this rank's value by `kind`, split over `group`
+    ("tp", "etp" or None for a replicated parameter)."""
+
+    keys: list[str]
+    kind: str  # "copy", "vocab", "split0", "split1", "qkv", "fc1"
+    group: str | None
+
+
+def rule_for(name: str, arch: HFArchitecture, lay: Layout) -> Rule | None:
+    """The Rule of one Megatron parameter name on this rank, or None if the name is not a converted weight."""
     if name == "embedding.word_embeddings.weight":
-        return ["model.embed_tokens.weight"], lambda t: _vocab_rows(t, padded_vocab, tp, r)
+        return Rule(["model.embed_tokens.weight"], "vocab", "tp")
     if name == "output_layer.weight":
-        key = "model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"
-        return [key], lambda t: _vocab_rows(t, padded_vocab, tp, r)
+        return Rule(["model.embed_tokens.weight" if arch.tie_word_embeddings else "lm_head.weight"], "vocab", "tp")
     if name == "decoder.final_layernorm.weight":
-        return ["model.norm.weight"], lambda t: t
+        return Rule(["model.norm.weight"], "copy", None)
     match = _LAYER.match(name)
     if not match:
         return None
@@ -104,34 +113,61 @@ def _rule(name: str, arch: HFArchitecture, lay: Layout, padded_vocab: int):
     hf = f"model.layers.{layer}."
     attn = hf + "self_attn."
     simple = {
-        "input_layernorm.weight": (hf + "input_layernorm.weight", None),
-        "pre_mlp_layernorm.weight": (hf + "post_attention_layernorm.weight", None),
-        "self_attention.q_layernorm.weight": (attn + "q_norm.weight", None),
-        "self_attention.k_layernorm.weight": (attn + "k_norm.weight", None),
-        "self_attention.linear_proj.weight": (attn + "o_proj.weight", 1),
-        "mlp.linear_fc2.weight": (hf + "mlp.down_proj.weight", 1),
-        "mlp.router.weight": (hf + "mlp.gate.weight", None),
+        "input_layernorm.weight": Rule([hf + "input_layernorm.weight"], "copy", None),
+        "pre_mlp_layernorm.weight": Rule([hf + "post_attention_layernorm.weight"], "copy", None),
+        "self_attention.q_layernorm.weight": Rule([attn + "q_norm.weight"], "copy", None),
+        "self_attention.k_layernorm.weight": Rule([attn + "k_norm.weight"], "copy", None),
+        "self_attention.linear_proj.weight": Rule([attn + "o_proj.weight"], "split1", "tp"),
+        "mlp.linear_fc2.weight": Rule([hf + "mlp.down_proj.weight"], "split1", "tp"),
+        "mlp.linear_fc1.weight": Rule([hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"], "fc1", "tp"),
+        "mlp.router.weight": Rule([hf + "mlp.gate.weight"], "copy", None),
+        "self_attention.linear_qkv.weight": Rule([f"{attn}{p}_proj.weight" for p in "qkv"], "qkv", "tp"),
+        "self_attention.linear_qkv.bias": Rule([f"{attn}{p}_proj.bias" for p in "qkv"], "qkv", "tp"),
     }
     if rest in simple:
-        key, dim = simple[rest]
-        return [key], (lambda t: t) if dim is None else (lambda t: _split(t, tp, r, dim))
-    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        kind = rest.rsplit(".", 1)[1]
-        keys = [f"{attn}{p}_proj.{kind}" for p in "qkv"]
-        return keys, lambda q, k, v: _qkv(arch, q, k, v, tp, r)
-    if rest == "mlp.linear_fc1.weight":
-        return [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"], \
-            lambda g, u: torch.cat([_split(g, tp, r, 0), _split(u, tp, r, 0)])
+        return simple[rest]
     match = _EXPERT.match(rest)
     if match:
-        expert = lay.ep_rank * lay.experts_per_rank + int(match.group(1))
-        prefix = f"{hf}mlp.experts.{expert}."
-        etp, er = lay.etp, lay.etp_rank
+        prefix = f"{hf}mlp.experts.{lay.ep_rank * lay.experts_per_rank + int(match.group(1))}."
         if match.group(2) == "linear_fc1":
-            return [prefix + "gate_proj.weight", prefix + "up_proj.weight"], \
-                lambda g, u: torch.cat([_split(g, etp, er, 0), _split(u, etp, er, 0)])
-        return [prefix + "down_proj.weight"], lambda d: _split(d, etp, er, 1)
+            return Rule([prefix + "gate_proj.weight", prefix + "up_proj.weight"], "fc1", "etp")
+        return Rule([prefix + "down_proj.weight"], "split1", "etp")
     return None
+
+
+def shard(rule: Rule, tensors: list[torch.Tensor], arch: HFArchitecture, lay: Layout, padded_vocab: int):
+    """This rank's value of a parameter from its HF tensors."""
+    parts, rank = (lay.tp, lay.tp_rank) if rule.group == "tp" else (lay.etp, lay.etp_rank)
+    if rule.kind == "copy":
+        return tensors[0]
+    if rule.kind == "vocab":
+        return _vocab_rows(tensors[0], padded_vocab, parts, rank)
+    if rule.kind in ("split0", "split1"):
+        return _split(tensors[0], parts, rank, int(rule.kind[-1]))
+    if rule.kind == "qkv":
+        return _qkv(arch, *tensors, parts, rank)
+    gate, up = tensors
+    return torch.cat([_split(gate, parts, rank, 0), _split(up, parts, rank, 0)])
+
+
+def unshard(rule: Rule, pieces: list[torch.Tensor], arch: HFArchitecture) -> list[torch.Tensor]:
+    """The HF tensors of a parameter from its pieces on every rank of its group, in rank order (inverse of shard)."""
+    if rule.kind == "copy":
+        return [pieces[0]]
+    if rule.kind == "vocab":
+        return [torch.cat(pieces)[: arch.vocab_size]]
+    if rule.kind in ("split0", "split1"):
+        return [torch.cat(pieces, dim=int(rule.kind[-1]))]
+    if rule.kind == "fc1":
+        halves = [p.chunk(2) for p in pieces]
+        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+    hd, groups = arch.head_dim, arch.num_kv_heads
+    per_group = arch.num_heads // groups
+    full = torch.cat(pieces)
+    rest = full.shape[1:]
+    full = full.reshape(groups, (per_group + 2) * hd, *rest)
+    q, k, v = full.split([per_group * hd, hd, hd], dim=1)
+    return [q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
 
 
 def _megatron_params(model) -> dict[str, torch.Tensor]:
@@ -144,39 +180,129 @@ def load_hf_weights(model, arch: HFArchitecture, model_dir: str | Path, padded_v
     """Fill this rank's model from the HF folder; WeightMismatchError on anything that does not fit exactly."""
     tensors = read_safetensors(model_dir)
     lay = Layout(arch, model.config)
-    used: set[str] = set()
     problems: list[str] = []
     for name, param in _megatron_params(model).items():
-        rule = _rule(name, arch, lay, padded_vocab)
+        rule = rule_for(name, arch, lay)
         if rule is None:
             problems.append(f"no HF source known for Megatron parameter {name}")
             continue
-        keys, build = rule
-        missing = [k for k in keys if k not in tensors]
+        missing = [k for k in rule.keys if k not in tensors]
         if missing:
             problems.append(f"{name}: HF tensor(s) missing: {', '.join(missing)}")
             continue
-        value = build(*(tensors[k] for k in keys))
+        value = shard(rule, [tensors[k] for k in rule.keys], arch, lay, padded_vocab)
         if tuple(value.shape) != tuple(param.shape):
-            problems.append(f"{name}: shape {tuple(value.shape)} from {keys[0]} does not fit {tuple(param.shape)}")
+            problems.append(f"{name}: shape {tuple(value.shape)} from {rule.keys[0]} does not fit "
+                            f"{tuple(param.shape)}")
             continue
         param.copy_(value.to(param.dtype))
-        used.update(keys)
+    unexpected = sorted(set(tensors) - set(hf_keys(arch)))
+    if unexpected:
+        problems.append(f"tensors this {arch.model_type} model does not have: {', '.join(unexpected[:5])}")
     if problems:
         raise WeightMismatchError(f"{model_dir} does not fit this {arch.model_type} model:\n  " +
                                   "\n  ".join(problems[:10]) + (f"\n  ... {len(problems) - 10} more"
                                                                 if len(problems) > 10 else ""))
-    _check_unused(tensors, used, arch, lay)
 
 
-def _check_unused(tensors: dict, used: set[str], arch: HFArchitecture, lay: Layout) -> None:
-    """Every HF tensor must be used by some rank; a single rank can only check the ones of its own layers/experts."""
-    if lay.tp * lay.ep > 1 or arch.num_layers != _count_local_layers(tensors, used):
-        return
-    unused = sorted(k for k in tensors if k not in used and "rotary_emb" not in k)
-    if unused:
-        raise WeightMismatchError(f"HF tensors not used by the model: {', '.join(unused[:10])}")
+def hf_keys(arch: HFArchitecture) -> list[str]:
+    """Every tensor name of the HF checkpoint of `arch`."""
+    keys = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not arch.tie_word_embeddings:
+        keys.append("lm_head.weight")
+    for layer in range(arch.num_layers):
+        hf = f"model.layers.{layer}."
+        keys += [hf + "input_layernorm.weight", hf + "post_attention_layernorm.weight"]
+        keys += [f"{hf}self_attn.{p}_proj.weight" for p in "qkvo"]
+        if arch.qkv_bias:
+            keys += [f"{hf}self_attn.{p}_proj.bias" for p in "qkv"]
+        if arch.qk_norm:
+            keys += [hf + "self_attn.q_norm.weight", hf + "self_attn.k_norm.weight"]
+        if arch.is_moe and arch.moe_layers[layer]:
+            keys.append(hf + "mlp.gate.weight")
+            keys += [f"{hf}mlp.experts.{e}.{p}_proj.weight" for e in range(arch.num_experts)
+                     for p in ("gate", "up", "down")]
+        else:
+            keys += [f"{hf}mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    return keys
 
 
-def _count_local_layers(tensors: dict, used: set[str]) -> int:
-    return len({k.split(".")[2] for k in used if k.startswith("model.layers.")})
+# Files of a HF folder that export carries over from the folder the model came from.
+CARRIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
+
+
+@torch.no_grad()
+def gather_hf_state_dict(model, arch: HFArchitecture) -> dict[str, torch.Tensor] | None:
+    """The full HF state dict (CPU tensors) on global rank 0, None on other ranks. Collective over all ranks: one
+    all-gather per tensor-parallel parameter, then one gather of the owners' tensors to rank 0 (which therefore
+    holds the whole model once; per-layer streaming would be needed for models that do not fit one host's RAM)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    lay = Layout(arch, model.config)
+    groups = {"tp": (ps.get_tensor_model_parallel_group(), lay.tp),
+              "etp": (ps.get_expert_tensor_parallel_group(), lay.etp)}
+    # one owner per tensor: tensor-parallel rank 0 of data-parallel rank 0 (expert-data-parallel for experts)
+    owner = lay.tp_rank == 0 and ps.get_data_parallel_rank() == 0
+    expert_owner = lay.etp_rank == 0 and ps.get_expert_data_parallel_rank() == 0
+    mine: dict[str, torch.Tensor] = {}
+    for name, param in _megatron_params(model).items():
+        rule = rule_for(name, arch, lay)
+        if rule is None:
+            raise WeightMismatchError(f"no HF name known for Megatron parameter {name}")
+        value = param.detach().contiguous()
+        group, size = groups.get(rule.group, (None, 1))
+        pieces = [value]
+        if size > 1:
+            pieces = [torch.empty_like(value) for _ in range(size)]
+            dist.all_gather(pieces, value, group=group)
+        if (expert_owner if rule.group == "etp" else owner):
+            for key, tensor in zip(rule.keys, unshard(rule, pieces, arch)):
+                mine.setdefault(key, tensor.cpu().clone())
+    if dist.get_world_size() == 1:
+        gathered = [mine]
+    else:
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    state: dict[str, torch.Tensor] = {}
+    for part in gathered:
+        for key, tensor in part.items():
+            state.setdefault(key, tensor)
+    missing = [k for k in hf_keys(arch) if k not in state]
+    if missing:
+        raise WeightMismatchError(f"export is missing {len(missing)} HF tensors, e.g. {missing[:3]}")
+    return state
+
+
+def export_hf(model, arch: HFArchitecture, out_dir: str | Path, source_dir: str | Path) -> None:
+    """Write the model as a HF folder that transformers and SGLang load: model.safetensors plus config and tokenizer
+    files carried over from `source_dir`. Collective (every rank calls it); rank 0 writes into a temporary folder
+    beside `out_dir` and renames it into place, so a crash never leaves a half-written folder behind."""
+    import os
+    import shutil
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    state = gather_hf_state_dict(model, arch)
+    if state is not None:
+        out_dir, source_dir = Path(out_dir), Path(source_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        for name in CARRIED_FILES:
+            if (source_dir / name).is_file():
+                shutil.copy2(source_dir / name, tmp / name)
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.get_world_size() > 1:
+        dist.barrier()

@@ -9,7 +9,7 @@ import torch
 from megatron_sapo.policy import parallel
 from megatron_sapo.policy.config import PolicyConfig
 from megatron_sapo.policy.hf_config import read_hf_config
-from megatron_sapo.policy.hf_weights import WeightMismatchError, load_hf_weights
+from megatron_sapo.policy.hf_weights import WeightMismatchError, export_hf, load_hf_weights, read_safetensors
 from megatron_sapo.policy.model import build_model, padded_vocab_size
 
 from .harness import megatron_logits, tiny_models, token_log_probs
@@ -75,3 +75,33 @@ def test_layout_that_does_not_divide_the_model_is_named(tmp_path):
         check_layout(arch, PolicyConfig(pipeline_model_parallel_size=3), 3)
     with pytest.raises(ValueError, match="world size 3 is not a multiple of tensor x pipeline parallel = 2"):
         check_layout(arch, PolicyConfig(tensor_model_parallel_size=2), 3)
+
+
+@pytest.mark.parametrize("arch,tied", [("qwen3_moe", False), ("qwen2", False), ("llama", True)])
+def test_export_round_trips_exactly_and_loads_in_transformers(tmp_path, arch, tied):
+    import transformers
+
+    tiny_models().build(arch, tmp_path / "src", tie_word_embeddings=tied)
+    info, model = _megatron(tmp_path / "src")
+    with torch.no_grad():  # a trained model differs from its source: move every weight a little
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-2)
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "stale.txt").write_text("replaced atomically")
+    export_hf(model, info, out, tmp_path / "src")
+    assert not (out / "stale.txt").exists() and not list(tmp_path.glob(".export.*"))
+    assert (out / "config.json").read_text() == (tmp_path / "src" / "config.json").read_text()
+    exported = read_safetensors(out)
+    _, again = _megatron(out)
+    for (name, p), (_, q) in zip(model.named_parameters(), again.named_parameters()):
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):  # padded rows are not exported
+            p, q = p[: info.vocab_size], q[: info.vocab_size]
+        assert torch.equal(p, q), name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, info.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = token_log_probs(hf(ids).logits, ids, info.vocab_size)
+    torch.testing.assert_close(token_log_probs(megatron_logits(again, ids), ids, info.vocab_size), ref, rtol=0,
+                               atol=2e-5)
+    assert set(exported) == set(read_safetensors(tmp_path / "src"))

@@ -64,7 +64,7 @@ def _worker(rank, port, model_dir):
     from megatron_sapo.policy import parallel
     from megatron_sapo.policy.config import PolicyConfig
     from megatron_sapo.policy.hf_config import read_hf_config
-    from megatron_sapo.policy.hf_weights import load_hf_weights
+    from megatron_sapo.policy.hf_weights import export_hf, load_hf_weights, read_safetensors
     from megatron_sapo.policy.model import build_model, padded_vocab_size
 
     from .harness import token_log_probs
@@ -86,6 +86,14 @@ def _worker(rank, port, model_dir):
             ours = _log_probs_on_rank(model, ids, arch.vocab_size, padded_vocab_size(arch, cfg))
             err = (ours - ref).abs().max().item()
             assert err < 2e-5, (layout, err)
+            # export from this layout gives back the source tensors bit for bit
+            out = os.path.join(model_dir, "..", f"export-{'-'.join(f'{k[:2]}{v}' for k, v in layout.items())}")
+            export_hf(model, arch, out, model_dir)
+            if rank == 0:
+                source, exported = read_safetensors(model_dir), read_safetensors(out)
+                assert set(source) == set(exported), layout
+                for key, tensor in source.items():
+                    assert torch.equal(tensor, exported[key]), (layout, key)
     finally:
         dist.destroy_process_group()
 
@@ -99,5 +107,5 @@ def _free_port():
 def test_parallel_layouts_match_transformers(tmp_path):
     from .harness import tiny_models
 
-    tiny_models().build("qwen3_moe", tmp_path)
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    tiny_models().build("qwen3_moe", tmp_path / "src")
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path / "src")), nprocs=2, join=True)
