@@ -29,7 +29,7 @@ from .torch_chunked import rows_per_chunk
 # Larger than the logits path's chunks: each chunk re-reads and re-writes the whole dW accumulator, so fewer chunks
 # are faster (measured on CPU at N=2048, V=151936, H=1024: 64 MiB 1.27x naive's time, 128 MiB 0.95x).
 DEFAULT_LINEAR_CHUNK_BYTES = 128 * 1024 * 1024
-from .validation import check_temperature
+from .validation import check_targets, check_temperature, check_vocab_start
 
 
 def _loss_and_grad(cfg, logp, old, adv, mask, weights):
@@ -157,12 +157,7 @@ def fused_linear_policy_loss(
     inputs = prepare_loss_inputs(hidden, "hidden's", targets, old_log_probs, advantages, response_mask, vocab_start,
                                  **common)
     backend = select_backend(implementation, hidden.device, chunk_bytes)
-    chunk_rows = rows_per_chunk(weight.shape[0], DEFAULT_LINEAR_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
-    if group_size(process_group) > 1:
-        # every rank must cut the same chunks (each chunk merges across ranks), even with uneven vocab shards
-        agreed = torch.tensor([chunk_rows], device=hidden.device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
-        chunk_rows = int(agreed.item())
+    chunk_rows = _agreed_chunk_rows(weight, chunk_bytes, process_group, hidden.device)
 
     loss, logp = _LinearPolicyLoss.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, inputs.targets, inputs.old, inputs.adv, inputs.mask,
@@ -170,3 +165,39 @@ def fused_linear_policy_loss(
         vocab_hint(weight.shape[0], vocab_start, process_group),
     )
     return loss, loss_metrics(logp, old_log_probs, advantages, response_mask, **common)
+
+
+@torch.no_grad()
+def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                          temperature: float = 1.0, process_group=None, vocab_start: int = 0,
+                          ignore_index: int = -100, implementation: str = "auto",
+                          chunk_bytes: int | None = None) -> torch.Tensor:
+    """Log-probs [B, T] of `targets` under softmax(hidden @ weight^T / temperature), chunk by chunk, without grad:
+    the old-policy and reference forwards of the output-layer path (same layout rules as fused_linear_policy_loss).
+    """
+    inv_temperature = check_temperature(temperature)
+    if hidden.dim() != 3 or weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"hidden must be [batch, seq_len, H] and weight [vocab_shard, H], got hidden "
+                         f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
+    check_vocab_start(vocab_start)
+    flat_targets = check_targets(targets, hidden.shape[:2], hidden.device, ignore_index)
+    backend = select_backend(implementation, hidden.device, chunk_bytes)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    chunk_rows = _agreed_chunk_rows(weight, chunk_bytes, process_group, hidden.device)
+    hint = vocab_hint(weight.shape[0], vocab_start, process_group)
+    logp = rows.new_zeros(rows.shape[0], dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk_rows):
+        chunk = slice(start, min(start + chunk_rows, rows.shape[0]))
+        logp[chunk] = shard_log_probs(backend, rows[chunk] @ weight.t(), flat_targets[chunk], vocab_start,
+                                      inv_temperature, process_group, False, hint)[0]
+    return logp.view(targets.shape)
+
+
+def _agreed_chunk_rows(weight, chunk_bytes, group, device) -> int:
+    """Rows per chunk, the same on every rank of the group (each chunk merges across ranks; shards may differ)."""
+    chunk_rows = rows_per_chunk(weight.shape[0], DEFAULT_LINEAR_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    if group_size(group) > 1:
+        agreed = torch.tensor([chunk_rows], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+        chunk_rows = int(agreed.item())
+    return chunk_rows

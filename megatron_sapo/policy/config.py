@@ -8,6 +8,7 @@ from ..losses.config import check_choice
 
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 MOE_DISPATCHERS = ("allgather", "alltoall")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
 
 
 def _check_size(name: str, value) -> None:
@@ -26,6 +27,19 @@ class PolicyConfig:
     moe_token_dispatcher: str = "allgather"
     moe_aux_loss_coeff: float | None = None  # None: the HF config's router_aux_loss_coef
     seed: int = 1234
+    # optimisation (Adam through Megatron's optimizer; the scheduler warms up linearly, then decays)
+    micro_batch_size: int = 1
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_steps: int | None = None  # None: no decay after warmup
+    lr_decay_style: str = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+    use_distributed_optimizer: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
@@ -34,6 +48,18 @@ class PolicyConfig:
             _check_size("expert_tensor_parallel_size", self.expert_tensor_parallel_size)
         check_choice("params_dtype", self.params_dtype, PARAMS_DTYPES)
         check_choice("moe_token_dispatcher", self.moe_token_dispatcher, MOE_DISPATCHERS)
+        check_choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        _check_size("micro_batch_size", self.micro_batch_size)
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
+            raise ValueError(f"adam betas must lie in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.lr_warmup_steps < 0 or (self.lr_decay_steps is not None and self.lr_decay_steps <= 0):
+            raise ValueError("lr_warmup_steps must be >= 0 and lr_decay_steps > 0 (or None)")
         if self.moe_aux_loss_coeff is not None and not self.moe_aux_loss_coeff >= 0:
             raise ValueError(f"moe_aux_loss_coeff must be >= 0 or None, got {self.moe_aux_loss_coeff!r}")
 

@@ -11,14 +11,19 @@ machine: `enable()` returns at once when torch.cuda.is_available(), so nothing h
      a no-op and a stand-in stream.
   4. The pipeline schedules and FP32Optimizer create tensors with device="cuda" even at PP=1: `cuda_as_cpu()`
      is a TorchFunctionMode that maps device "cuda" to "cpu" for the duration of such calls.
+  5. Megatron's clip_grad_by_total_norm_fp32 asserts CUDA gradients: the optimizer gets a CPU version with the
+     same arithmetic (scale every gradient by max_norm / (total_norm + 1e-6) when that is below 1).
+  6. Megatron's WrappedTorchNorm (the norm without TE / Apex) refuses sequence parallelism, which Megatron requires
+     for MoE with TP in training: the same torch norm is built, its weight marked `sequence_parallel` so that
+     finalize_model_grads all-reduces its gradient over TP, as TE's norms are.
 The callers also configure Megatron for the CPU: use_cpu_initialization, an explicit boolean causal mask (the
-default one is built on "cuda"), the allgather MoE dispatcher, batch_p2p_comm=False for gloo, and gradient clipping
-done by megatron_sapo rather than Megatron's CUDA-only clip_grads.
+default one is built on "cuda"), the allgather MoE dispatcher and batch_p2p_comm=False for gloo.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -61,8 +66,38 @@ def enable() -> bool:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    from megatron.core.transformer import torch_norm
+
+    torch_norm.WrappedTorchNorm.__new__ = _sequence_parallel_norm(torch_norm.WrappedTorchNorm.__new__)
     _enabled = True
     return True
+
+
+def _sequence_parallel_norm(original_new):
+    def new(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, hidden_size, eps, *args, **kwargs)
+        norm = original_new(cls, dataclasses.replace(config, sequence_parallel=False), hidden_size, eps, *args,
+                            **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+    return new
+
+
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff >= 1.0:
+        return
+    for param in parameters:
+        grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
+        if grad is not None:
+            grad.mul_(clip_coeff)
 
 
 class _CudaAsCpu(TorchFunctionMode):

@@ -75,6 +75,8 @@ def transformer_config(arch: HFArchitecture, cfg: PolicyConfig):
         persist_layer_norm=False, gradient_accumulation_fusion=False,
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        # Megatron requires it for MoE with TP in training; sequences are padded to a multiple of TP for it
+        sequence_parallel=cfg.tensor_model_parallel_size > 1,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         expert_model_parallel_size=cfg.expert_model_parallel_size,
         expert_tensor_parallel_size=cfg.expert_tensor_parallel,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from megatron_sapo.losses import LOSS_AGG_MODES, LOSS_TYPES, policy_loss
-from megatron_sapo.ops import fused_linear_policy_loss, fused_policy_loss
+from megatron_sapo.ops import fused_linear_logprobs, fused_linear_policy_loss, fused_policy_loss
 from megatron_sapo.ops.reference import naive_linear_policy_loss, naive_policy_loss
 
 from .conftest import implementations
@@ -161,3 +161,14 @@ def test_fused_linear_bad_input():
     bad[0, 0] = 10_000
     with pytest.raises(ValueError, match="target id out of range at rows \\[0\\]"):
         fused_linear_policy_loss(h, w, bad, old, adv, mask)
+
+
+@pytest.mark.parametrize("implementation", implementations())
+def test_fused_linear_logprobs_matches_naive(implementation):
+    _, targets, _, _, mask, h, w = batch(b=3, t=7, vocab=211, hidden=24, seed=8)
+    targets = torch.where(mask, targets, -100)
+    logp = fused_linear_logprobs(h, w, targets, temperature=0.9, implementation=implementation,
+                                 chunk_bytes=4 * 211 * 4)
+    ref = torch.log_softmax((h.double() @ w.double().t()) / 0.9, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(logp.double(), torch.where(mask, ref, 0.0), rtol=1e-6, atol=1e-5)
+    assert not logp.requires_grad

@@ -1,0 +1,331 @@
+"""The trainable policy: a Megatron-Core GPT (MoE or dense) built from a Hugging Face folder, in Megatron DDP, with
+Megatron's optimizer and LR scheduler. It computes old log-probs and takes policy-gradient steps (SAPO, GSPO, the
+GRPO family) through the fused output-layer loss of megatron_sapo.ops, so no [tokens, vocab] logits are formed.
+
+Batch convention (PolicyBatch): input_ids [B, S] hold prompt + response; every other tensor is over the S - 1
+predicted positions, position t scoring token t + 1 given tokens <= t. Micro-batches run through Megatron's
+get_forward_backward_func (pipeline schedules included). Each micro-batch's loss is normalised by the whole
+step's token / sequence counts (all-reduced over data parallel), so the accumulated gradient is that of the full
+batch's loss, exactly as losses.policy_loss defines it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..losses import LossConfig
+from ..ops import fused_linear_logprobs, fused_linear_policy_loss
+from . import cpu_compat, parallel
+from .config import PolicyConfig
+from .hf_config import read_hf_config
+from .hf_weights import export_hf, load_hf_weights
+from .model import build_model, padded_vocab_size
+
+
+@dataclass
+class PolicyBatch:
+    input_ids: torch.Tensor  # [B, S] int64
+    response_mask: torch.Tensor  # [B, S-1] bool: position t predicts a response token
+    advantages: torch.Tensor  # [B] or [B, S-1]
+    old_log_probs: torch.Tensor | None = None  # [B, S-1]; None: computed by the policy before the update
+    rollout_log_probs: torch.Tensor | None = None  # [B, S-1] from the rollout engine, for mismatch corrections
+
+    def __post_init__(self) -> None:
+        if self.input_ids.dim() != 2 or self.input_ids.shape[1] < 2:
+            raise ValueError(f"input_ids must be [batch, seq_len >= 2], got {tuple(self.input_ids.shape)}")
+        predicted = (self.input_ids.shape[0], self.input_ids.shape[1] - 1)
+        for name in ("response_mask", "old_log_probs", "rollout_log_probs"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != predicted:
+                raise ValueError(f"{name} must be [batch, seq_len - 1] = {predicted}, got {tuple(t.shape)}")
+
+
+def _hidden_passthrough(config):
+    """A forward for the output layer that returns its input as the output layer would see it: gathered from the
+    sequence-parallel region (or copied to the tensor-parallel one), whose backward sums the partial input
+    gradients of the vocab shards. The fused loss then applies the output weight itself."""
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, \
+        gather_from_sequence_parallel_region
+
+    def forward(input_, weight=None, runtime_gather_output=None):
+        if config.sequence_parallel:
+            return gather_from_sequence_parallel_region(input_), None
+        return copy_to_tensor_model_parallel_region(input_), None
+    return forward
+
+
+def _causal_mask(seq_len: int, device) -> torch.Tensor:
+    # True = masked; explicit, because Megatron's default mask is built on "cuda"
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
+
+
+class Policy:
+    """This rank's part of the policy. Every method is collective over all ranks."""
+
+    def __init__(self, cfg: PolicyConfig):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.cfg = cfg
+        self.arch = read_hf_config(cfg.model_path)
+        parallel.initialize(self.arch, cfg)
+        self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        model = build_model(self.arch, cfg, pre_process=self.first_stage, post_process=self.last_stage)
+        load_hf_weights(model, self.arch, cfg.model_path, padded_vocab_size(self.arch, cfg))
+        if self.last_stage:  # the model returns final-normed hidden states; the fused loss applies the output layer
+            model.output_layer.forward = _hidden_passthrough(model.config)
+        self.model = DistributedDataParallel(
+            config=model.config,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                     use_distributed_optimizer=cfg.use_distributed_optimizer),
+            module=model,
+        )
+        from megatron.core.distributed import finalize_model_grads
+
+        # what Megatron's own training loop wires into the config: the schedule then all-reduces gradients over
+        # data parallel (and syncs tied embeddings across pipeline stages) after the last micro-batch
+        model.config.finalize_model_grads_func = finalize_model_grads
+        model.config.no_sync_func = self.model.no_sync
+        dtype = model.config.params_dtype
+        with cpu_compat.cuda_as_cpu():  # FP32Optimizer makes its scale tensor on "cuda"
+            self.optimizer = get_megatron_optimizer(
+                OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                                adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+                                clip_grad=cfg.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                                params_dtype=dtype, use_distributed_optimizer=cfg.use_distributed_optimizer),
+                [self.model],
+            )
+        model.config.grad_scale_func = self.optimizer.scale_loss
+        decay_steps = cfg.lr_decay_steps or 1
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
+            lr_warmup_steps=cfg.lr_warmup_steps, lr_decay_steps=max(decay_steps, cfg.lr_warmup_steps + 1),
+            lr_decay_style=cfg.lr_decay_style if cfg.lr_decay_steps else "constant",
+            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
+        )
+        self.step = 0
+        self._router_loads: list[torch.Tensor] = []
+        if self.arch.is_moe:
+            self._watch_routers(model)
+
+    # ---- pieces of the forward ----------------------------------------------------------------------------------
+
+    @property
+    def module(self):
+        return self.model.module
+
+    def _output_weight(self) -> tuple[torch.Tensor, int]:
+        """(this rank's output-weight rows of real vocab ids, the first id), padded rows left out."""
+        from megatron.core import parallel_state as ps
+
+        m = self.module
+        weight = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights \
+            else m.output_layer.weight
+        start = ps.get_tensor_model_parallel_rank() * weight.shape[0]
+        valid = min(weight.shape[0], self.arch.vocab_size - start)
+        if valid <= 0:
+            raise ValueError(f"tensor-parallel rank holds only padded vocab rows (vocab {self.arch.vocab_size})")
+        return weight[:valid], start
+
+    def _hidden(self, model, input_ids):
+        """Final-normed hidden states [b, s, h] (last stage) of input_ids; sequences are right-padded to a multiple
+        of the tensor-parallel size for sequence parallelism, and the padding is cut off again."""
+        from megatron.core import parallel_state as ps
+
+        seq_len = input_ids.shape[1]
+        pad = -seq_len % ps.get_tensor_model_parallel_world_size()
+        if pad:
+            input_ids = torch.nn.functional.pad(input_ids, (0, pad))
+        out = self._forward(model, input_ids)
+        return out[:, :seq_len] if self.last_stage and pad else out
+
+    def _forward(self, model, input_ids):
+        b, s = input_ids.shape
+        positions = torch.arange(s, device=input_ids.device)[None].expand(b, s)
+        return model(input_ids, positions, _causal_mask(s, input_ids.device))
+
+    @staticmethod
+    def _padded_len(input_ids) -> int:
+        from megatron.core import parallel_state as ps
+
+        tp = ps.get_tensor_model_parallel_world_size()
+        return -(-input_ids.shape[1] // tp) * tp
+
+    def _run(self, forward_step, micro_batches: int, seq_len: int, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        with cpu_compat.cuda_as_cpu():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(range(micro_batches)), model=[self.model],
+                num_microbatches=micro_batches, seq_length=seq_len, micro_batch_size=self.cfg.micro_batch_size,
+                forward_only=forward_only,
+            )
+
+    def _micro_batches(self, batch_size: int) -> int:
+        if batch_size % self.cfg.micro_batch_size:
+            raise ValueError(f"batch size {batch_size} is not a multiple of micro_batch_size "
+                             f"{self.cfg.micro_batch_size}")
+        return batch_size // self.cfg.micro_batch_size
+
+    def _broadcast_from_last_stage(self, obj):
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())
+        return box[0]
+
+    # ---- public API ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def log_probs(self, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Per-token log-probs [B, S-1] of input_ids under the current weights (the old-policy forward), on every
+        rank, batched in micro-batches like the update."""
+        from megatron.core import parallel_state as ps
+
+        mbs = self.cfg.micro_batch_size
+        out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1)
+
+        def forward_step(iterator, model):
+            i = next(iterator)
+            ids = input_ids[i * mbs:(i + 1) * mbs]
+            hidden = self._hidden(model, ids)
+
+            def collect(h):
+                weight, start = self._output_weight()
+                out[i * mbs:(i + 1) * mbs] = fused_linear_logprobs(
+                    h[:, :-1].contiguous(), weight, ids[:, 1:], temperature=temperature,
+                    process_group=ps.get_tensor_model_parallel_group(), vocab_start=start)
+                return h.sum() * 0, {}
+            return hidden, collect
+
+        self.model.eval()
+        self._run(forward_step, self._micro_batches(input_ids.shape[0]), self._padded_len(input_ids), forward_only=True)
+        self.model.train()
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return out
+
+    def train_step(self, batch: PolicyBatch, loss_config: LossConfig, temperature: float = 1.0) -> dict[str, float]:
+        """One optimizer step on the batch (gradient accumulation over its micro-batches). Returns the loss
+        library's metrics (token-weighted over micro-batches) and loss, grad_norm, lr, skipped, MoE routing loads.
+        A non-finite loss or gradient norm skips the update (reported as skipped = 1), it is never applied."""
+        from megatron.core import parallel_state as ps
+
+        old = batch.old_log_probs if batch.old_log_probs is not None else self.log_probs(batch.input_ids, temperature)
+        mask = batch.response_mask.bool()
+        micro_batches = self._micro_batches(batch.input_ids.shape[0])
+        totals = self._global_totals(mask, loss_config)
+        dp = ps.get_data_parallel_world_size()
+        mbs = self.cfg.micro_batch_size
+        collected: list[dict[str, float]] = []
+
+        def forward_step(iterator, model):
+            i = next(iterator)
+            rows = slice(i * mbs, (i + 1) * mbs)
+            ids = batch.input_ids[rows]
+            hidden = self._hidden(model, ids)
+
+            def loss_func(h):
+                weight, start = self._output_weight()
+                rollout = None if batch.rollout_log_probs is None else batch.rollout_log_probs[rows]
+                loss, metrics = fused_linear_policy_loss(
+                    h[:, :-1].contiguous(), weight, ids[:, 1:], old[rows], batch.advantages[rows], mask[rows],
+                    config=loss_config, temperature=temperature, rollout_log_probs=rollout,
+                    process_group=ps.get_tensor_model_parallel_group(), vocab_start=start,
+                    reduce_hidden_grad=False, **totals)  # the passthrough's backward reduces it
+                metrics["loss"] = loss.item()
+                collected.append(metrics)
+                # Megatron divides by the number of micro-batches and DDP averages over data parallel; the loss is
+                # already normalised by the whole step's counts, so undo both
+                return loss * (micro_batches * dp), {}
+            return hidden, loss_func
+
+        self._router_loads.clear()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self._run(forward_step, micro_batches, self._padded_len(batch.input_ids), forward_only=False)
+        metrics = None
+        if self.last_stage:
+            metrics = _merge_metrics(collected)
+            step_loss = torch.tensor([metrics["loss"]])  # this rank's share of the globally normalised loss
+            dist.all_reduce(step_loss, group=ps.get_data_parallel_group())
+            metrics["loss"] = step_loss.item()
+        metrics = self._broadcast_from_last_stage(metrics)
+        loss_ok = torch.tensor([float(torch.isfinite(torch.tensor(metrics["loss"])))])
+        dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)
+        skipped = True
+        grad_norm = float("nan")
+        if loss_ok.item() == 1.0:
+            with cpu_compat.cuda_as_cpu():
+                updated, grad_norm, _ = self.optimizer.step()
+            skipped = not updated or grad_norm is None or not torch.isfinite(torch.tensor(grad_norm))
+            if not skipped:
+                self.scheduler.step(increment=1)
+                self.step += 1
+        metrics.update(grad_norm=float("nan") if grad_norm is None else float(grad_norm), skipped=float(skipped),
+                       lr=self.optimizer.param_groups[0]["lr"])
+        metrics.update(self._routing_metrics())
+        return metrics
+
+    def _global_totals(self, mask: torch.Tensor, loss_config: LossConfig) -> dict[str, float]:
+        """Token and sequence counts of the whole step across data parallel, the loss normalisers."""
+        from megatron.core import parallel_state as ps
+
+        rows = mask.shape[0] if loss_config.loss_agg_mode == "seq-mean-token-sum-norm" else mask.any(-1).sum()
+        counts = torch.tensor([float(mask.sum()), float(rows)])
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        return {"total_tokens": counts[0].item(), "total_seqs": counts[1].item()}
+
+    def _watch_routers(self, model) -> None:
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        def record(_module, _inputs, output):
+            routing_map = output[1]
+            self._router_loads.append(routing_map.detach().sum(dim=0).float())
+
+        for module in model.modules():
+            if isinstance(module, TopKRouter):
+                module.register_forward_hook(record)
+
+    def _routing_metrics(self) -> dict[str, float]:
+        """Tokens per expert over this step's routers (this rank's tokens): max / mean and min / mean load,
+        averaged over the MoE layers seen."""
+        if not self._router_loads:
+            return {}
+        loads = torch.stack([load / load.mean().clamp(min=1e-9) for load in self._router_loads])
+        return {"moe/load_max_over_mean": loads.max(dim=1).values.mean().item(),
+                "moe/load_min_over_mean": loads.min(dim=1).values.mean().item()}
+
+    def export_hf(self, out_dir) -> None:
+        """Write the current weights as a HF folder (collective; rank 0 writes, atomically)."""
+        export_hf(self.module, self.arch, out_dir, self.cfg.model_path)
+
+
+def _merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Micro-batch metrics -> step metrics: counts and the (globally normalised) loss summed, min / max over parts,
+    the rest token-weighted means."""
+    if not parts:
+        return {}
+    weights = [p.get("count/tokens", 1.0) for p in parts]
+    total = sum(weights) or 1.0
+    merged = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if key.startswith("count/") or key == "loss":
+            merged[key] = sum(values)
+        elif key.endswith("/min"):
+            merged[key] = min(values)
+        elif key.endswith("/max"):
+            merged[key] = max(values)
+        else:
+            merged[key] = sum(v * w for v, w in zip(values, weights)) / total
+    return merged

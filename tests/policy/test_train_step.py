@@ -1,0 +1,145 @@
+"""The policy's training step computes the gradient of losses.policy_loss on the model users think it is: after one
+step (lr 0, no clipping), every Megatron gradient shard equals the float64 gradient of the same loss through the
+transformers model, mapped to Megatron's layout by the weight-conversion rules. Micro-batching, data parallel
+(global normalisation), TP, EP and PP are each checked."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_sapo.losses import LossConfig, policy_loss
+from megatron_sapo.policy.hf_weights import read_safetensors
+
+from .harness import tiny_models
+
+LOSS = LossConfig(loss_type="sapo", loss_agg_mode="token-mean")
+
+
+def _batch(vocab, b=4, s=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, s), generator=g)
+    mask = torch.zeros(b, s - 1, dtype=torch.bool)
+    for i, start in enumerate((3, 4, 2, 6)[:b]):
+        mask[i, start:] = True
+    adv = torch.tensor([1.0, -0.5, 0.7, -1.2])[:b]
+    return ids, mask, adv, g
+
+
+def _reference_grads(model_dir, ids, mask, adv, old):
+    """Gradients of policy_loss through the transformers model (fp32 model, the loss in float64; its MoE kernels
+    have no float64 path)."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    logp = torch.log_softmax(hf(ids).logits.double(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    loss, _ = policy_loss(logp, old.double(), adv.double(), mask, config=LOSS)
+    loss.backward()
+    params = {k: p.detach() for k, p in hf.named_parameters()}
+    grads = {k: p.grad.double() for k, p in hf.named_parameters()}
+    # the mapping from transformers' in-memory names to the checkpoint's, checked on the weights themselves
+    saved = read_safetensors(model_dir)
+    assert all(torch.equal(v, saved[k]) for k, v in checkpoint_names(params).items())
+    return loss.item(), checkpoint_names(grads), logp.detach()
+
+
+def checkpoint_names(tensors):
+    """transformers 5 keeps a MoE layer's experts fused in memory (experts.gate_up_proj [E, 2I, H],
+    experts.down_proj [E, H, I]); checkpoints, and our weight rules, name them per expert."""
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith("mlp.experts.gate_up_proj"):
+            prefix = key[: -len("gate_up_proj")]
+            gate, up = t.chunk(2, dim=1)
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = gate[e], up[e]
+        elif key.endswith("mlp.experts.down_proj"):
+            prefix = key[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = t[e]
+        else:
+            out[key] = t
+    return out
+
+
+def _check_grads(policy, ref_grads):
+    from megatron_sapo.policy.hf_weights import Layout, rule_for, shard
+    from megatron_sapo.policy.model import padded_vocab_size
+
+    lay = Layout(policy.arch, policy.module.config)
+    if policy.arch.tie_word_embeddings:
+        ref_grads = dict(ref_grads, **{"lm_head.weight": ref_grads["model.embed_tokens.weight"]})
+    checked = 0
+    for name, param in policy.module.named_parameters():
+        rule = rule_for(name, policy.arch, lay)
+        expected = shard(rule, [ref_grads[k] for k in rule.keys], policy.arch, lay,
+                         padded_vocab_size(policy.arch, policy.cfg))
+        got = param.main_grad.double()
+        scale = expected.abs().max().item() + 1e-12
+        err = (got - expected).abs().max().item()
+        assert err <= 1e-4 * scale + 1e-7, (name, err, scale)
+        checked += 1
+    return checked
+
+
+def test_single_process_micro_batches_match_reference(tmp_path):
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.policy import Policy, PolicyBatch
+
+    tiny_models().build("qwen3_moe", tmp_path)
+    policy = Policy(PolicyConfig(model_path=str(tmp_path), micro_batch_size=2, lr=0.0, clip_grad=0.0,
+                                 moe_aux_loss_coeff=0.0))  # the reference has no auxiliary loss
+    ids, mask, adv, g = _batch(300)
+    ref_loss, ref_grads, ref_logp = _reference_grads(tmp_path, ids, mask, adv, torch.zeros(4, 9))
+    old = (ref_logp + 0.2 * torch.randn(ref_logp.shape, generator=g, dtype=torch.float64)).float()
+    ref_loss, ref_grads, _ = _reference_grads(tmp_path, ids, mask, adv, old)
+
+    torch.testing.assert_close(policy.log_probs(ids).double(), ref_logp, rtol=0, atol=2e-5)
+    metrics = policy.train_step(PolicyBatch(ids, mask, adv, old_log_probs=old), LOSS)
+    assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5, abs=1e-7)
+    assert metrics["skipped"] == 0.0 and metrics["grad_norm"] > 0 and metrics["count/tokens"] == mask.sum()
+    assert 0 < metrics["ratio/min"] < 1 < metrics["ratio/max"] and metrics["moe/load_max_over_mean"] >= 1
+    assert _check_grads(policy, ref_grads) > 20
+
+
+LAYOUTS = [dict(), dict(tensor_model_parallel_size=2), dict(expert_model_parallel_size=2),
+           dict(pipeline_model_parallel_size=2)]
+
+
+def _worker(rank, port, model_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    from megatron.core import parallel_state as ps
+
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.policy import Policy, PolicyBatch
+
+    ids, mask, adv, g = _batch(300)
+    old = -torch.rand(4, 9, generator=g) * 6
+    ref_loss, ref_grads, _ = _reference_grads(model_dir, ids, mask, adv, old)
+    try:
+        for layout in LAYOUTS:
+            policy = Policy(PolicyConfig(model_path=model_dir, micro_batch_size=1, lr=0.0, clip_grad=0.0,
+                                         moe_aux_loss_coeff=0.0, **layout))
+            dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+            rows = slice(dp_rank * 4 // dp, (dp_rank + 1) * 4 // dp)  # each data-parallel rank its part of the batch
+            print("layout", layout, flush=True)
+            metrics = policy.train_step(PolicyBatch(ids[rows], mask[rows], adv[rows], old_log_probs=old[rows]), LOSS)
+            assert abs(metrics["loss"] - ref_loss) <= 1e-5 * abs(ref_loss) + 1e-7, (layout, metrics["loss"], ref_loss)
+            assert _check_grads(policy, ref_grads) > 0, layout
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_data_tensor_expert_pipeline_parallel_match_reference(tmp_path):
+    tiny_models().build("qwen3_moe", tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
