@@ -1,0 +1,219 @@
+"""Policy checkpoints with Megatron-Core dist_checkpointing (torch_dist): model, optimizer, LR scheduler, RNG states
+and step, loadable under another TP / PP / EP layout (the tensors are stored with their global shapes).
+
+Layout of a checkpoint root:
+  step_00000012/      one checkpoint: dist_checkpointing files + megatron_sapo.json (what model, which step)
+  latest              the name of the newest complete checkpoint
+Saving writes into a temporary folder beside its final name and renames it when every rank has finished, then
+rewrites `latest` atomically, so a crash leaves the previous checkpoint and `latest` intact. Loading checks
+megatron_sapo.json against the model first: a checkpoint of another model, or a damaged one, is a CheckpointError
+that names the difference or the cause, never a partial load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import cpu_compat
+
+MANIFEST = "megatron_sapo.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _model_identity(policy) -> dict:
+    """What a checkpoint must agree on to be loaded into this model (the parallel layout may differ)."""
+    arch = asdict(policy.arch)
+    arch.pop("raw")
+    arch["moe_layers"] = list(arch["moe_layers"])
+    return arch
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sub_optimizers(policy) -> list:
+    return list(getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]))
+
+
+def _layout_free_optimizer(policy) -> bool:
+    """Whether the optimizer's state can be written per parameter (fp32 params, not the distributed optimizer):
+    then it reloads under any layout, whatever Megatron's split into dense and expert optimizers there."""
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    return all(isinstance(sub, FP32Optimizer) for sub in _sub_optimizers(policy))
+
+
+def _optimizer_state(policy, model_state: dict, *, is_loading: bool) -> dict:
+    """Adam moments as tensors sharded like their parameters (keyed by the parameter's checkpoint key), and the
+    common step count."""
+    from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map, \
+        make_sharded_optimizer_tensor
+
+    out: dict = {"exp_avg": [], "exp_avg_sq": []}  # lists in parameter order: several share one checkpoint key
+    step = None
+    for sub in _sub_optimizers(policy):
+        params = sub.get_parameters()
+        if is_loading or any("exp_avg" not in sub.optimizer.state[p] for p in params):
+            sub.init_state_fn(sub.optimizer, sub.config)  # zero moments: a policy that has not stepped yet
+        sharded = get_param_id_to_sharded_param_map(model_state, params)
+        for index, param in enumerate(params):
+            state = sub.optimizer.state[param]
+            step = state.get("step", step)
+            for name in ("exp_avg", "exp_avg_sq"):
+                out[name].append(make_sharded_optimizer_tensor(sharded[index], state[name], f"optimizer.{name}"))
+    out["adam_step"] = step
+    return out
+
+
+def _restore_optimizer_state(policy, loaded: dict) -> None:
+    """Put loaded moments back, walking the parameters in the order _optimizer_state wrote them."""
+    loaded = {"exp_avg": list(loaded["exp_avg"]), "exp_avg_sq": list(loaded["exp_avg_sq"]),
+              "adam_step": loaded["adam_step"]}
+    for sub in _sub_optimizers(policy):
+        for param in sub.get_parameters():
+            state = sub.optimizer.state[param]
+            for name in ("exp_avg", "exp_avg_sq"):
+                state[name] = state[name].copy_(loaded[name].pop(0))
+            if loaded["adam_step"] is not None:
+                state["step"] = loaded["adam_step"].clone() if torch.is_tensor(loaded["adam_step"]) \
+                    else loaded["adam_step"]
+
+
+def _sharded_state(policy, *, is_loading: bool) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    model_state = policy.model.module.sharded_state_dict()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if _layout_free_optimizer(policy):
+        optimizer = _optimizer_state(policy, model_state, is_loading=is_loading)
+    else:  # Megatron's own format (distributed or mixed-precision optimizer): resume in the same layout
+        optimizer = policy.optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+    return {
+        "model": model_state,
+        "optimizer": optimizer,
+        "scheduler": policy.scheduler.state_dict(),
+        "step": policy.step,
+        # per-rank RNG states: one shard per rank; loading under another world size restarts the RNG streams
+        "rng": ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0),
+    }
+
+
+def _barrier() -> None:
+    if dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save_checkpoint(policy, root: str | Path) -> Path:
+    """Save the policy as root/step_XXXXXXXX and point root/latest at it (collective; every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / f"step_{policy.step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    with cpu_compat.cuda_as_cpu():
+        dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(tmp))
+    _barrier()
+    if dist.get_rank() == 0:
+        manifest = {"step": policy.step, "world_size": dist.get_world_size(), "model": _model_identity(policy),
+                    "policy_config": asdict(policy.cfg)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        old = root / f".{final.name}.old"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / LATEST)
+    _barrier()
+    return final
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint `root/latest` names, or None when there is none yet."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def load_checkpoint(policy, path: str | Path) -> None:
+    """Load model, optimizer, scheduler, step and (same world size) RNG states into `policy` (collective)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path} is not a megatron_sapo checkpoint (no {MANIFEST}): incomplete or damaged")
+    manifest = json.loads(manifest_path.read_text())
+    ours = _model_identity(policy)
+    diff = {k: (manifest["model"].get(k), v) for k, v in ours.items() if manifest["model"].get(k) != v}
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in sorted(diff.items())[:5])
+        raise CheckpointError(f"{path} holds another model ({details})")
+    template = _sharded_state(policy, is_loading=True)
+    same_world = _same_world(manifest)
+    if not same_world:
+        template.pop("rng")
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with cpu_compat.cuda_as_cpu():
+            state = dist_checkpointing.load(template, str(path))
+    # dist_checkpointing raises many kinds (torch's CheckpointException is a BaseException); all mean the files
+    # cannot be used
+    except (Exception, CheckpointException) as err:
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        raise CheckpointError(f"cannot load {path}: {type(err).__name__}: {cause}") from err
+    policy.model.module.load_state_dict(state["model"])
+    if _layout_free_optimizer(policy):
+        _restore_optimizer_state(policy, state["optimizer"])
+    else:
+        policy.optimizer.load_state_dict(state["optimizer"])
+    policy.scheduler.load_state_dict(state["scheduler"])
+    policy.step = int(state["step"])
+    if same_world:
+        _set_rng_state(state["rng"])
+
+
+def _same_world(manifest: dict) -> bool:
+    cfg = manifest["policy_config"]
+    saved = (cfg["tensor_model_parallel_size"], cfg["pipeline_model_parallel_size"],
+             cfg["expert_model_parallel_size"])
+    from megatron.core import parallel_state as ps
+
+    now = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+           ps.get_expert_model_parallel_world_size())
+    return saved == now and manifest["world_size"] == dist.get_world_size()
