@@ -18,7 +18,7 @@ help:
 	@echo "make test     install, build the host kernels, then run the test suite"
 	@echo "make kernels  build kernels/build/libsapo_kernels_{host,cuda}.so (the CUDA one needs nvcc)"
 	@echo "make test-kernels-native  the kernels' C++ checks: host run, ThreadSanitizer, nvcc build"
-	@echo "make bench    the fused-loss benchmark (tools/bench_fused_loss.py)"
+	@echo "make bench    the fused-loss and training-step benchmarks (tools/bench_*.py)"
 
 $(STAMP): setup.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,8 @@ test-kernels-native:
 	bash kernels/tests_host/run_sapo_kernels.sh
 
 bench: $(STAMP)
-	$(PY) tools/bench_fused_loss.py
+	$(PY) tools/bench_fused_loss.py --with-megatron
+	$(PY) tools/bench_train_step.py
 
 demo: $(STAMP)
 	$(VENV)/bin/megatron-sapo info

@@ -5,6 +5,7 @@ Two paths, each implementation in its own process so that peak memory is its own
   logits   logits [N, V] -> policy loss:  naive (fp32 log_softmax + gather + loss library) vs fused_policy_loss
   linear   hidden [N, H], weight [V, H] -> policy loss:  naive (matmul to full logits, then the naive loss) vs
            fused_linear_policy_loss
+  --with-megatron adds Megatron-Core's own route: full logits, then its vocab_parallel_cross_entropy
 Working memory = peak - (inputs) - (the gradients the loss must return: dlogits, or dH and dW). Peak is the process's
 peak RSS on CPU and torch.cuda.max_memory_allocated on a GPU. On a GPU the tool also times the log-prob statistics
 kernel alone and prints its achieved read bandwidth against the device's HBM bandwidth.
@@ -64,6 +65,8 @@ def worker(args) -> dict:
     grad_bytes = sum(x.numel() * x.element_size() for x in inputs)
 
     def run():
+        if impl == "megatron":
+            return megatron_route(inputs, targets, old, adv, mask)
         if path == "logits":
             fn = naive_policy_loss if impl == "naive" else fused_policy_loss
         else:
@@ -93,6 +96,26 @@ def worker(args) -> dict:
     if device.type == "cuda" and path == "logits" and impl == "cuda":
         result.update(_kernel_bandwidth(inputs[0].detach().reshape(-1, vocab), targets.reshape(-1)))
     return result
+
+
+def megatron_route(inputs, targets, old, adv, mask):
+    """Megatron-Core's own route to per-token log-probs: the output layer's full logits [N, V], then its fused
+    vocab_parallel_cross_entropy (here with one tensor-parallel rank), then the loss library."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_sapo.losses import policy_loss
+    from megatron_sapo.policy import cpu_compat, parallel
+
+    parallel.init_distributed()
+    cpu_compat.enable()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+    logits = inputs[0] @ inputs[1].t() if len(inputs) == 2 else inputs[0]
+    logp = -vocab_parallel_cross_entropy(logits.float(), targets)
+    loss, _ = policy_loss(logp, old, adv, mask)
+    return torch.autograd.grad(loss, inputs)
 
 
 def _kernel_bandwidth(logits, targets) -> dict:
@@ -125,6 +148,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--paths", nargs="+", default=["logits", "linear"], choices=["logits", "linear"])
+    parser.add_argument("--with-megatron", action="store_true",
+                        help="also run Megatron-Core's full-logits vocab_parallel_cross_entropy route")
     parser.add_argument("--chunk-mib", type=int, default=0, help="chunk size of the fused paths (0: their default)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -139,7 +164,7 @@ def main() -> None:
     print(header)
     for path in args.paths:
         results = {}
-        for impl in ("naive", fused_impl):
+        for impl in ("naive", fused_impl) + (("megatron",) if args.with_megatron else ()):
             cmd = [sys.executable, __file__, "--worker", f"{path}:{impl}"] + [
                 f"--{k.replace('_', '-')}={getattr(args, k)}"
                 for k in ("n", "vocab", "hidden", "dtype", "device", "threads", "chunk_mib")]
