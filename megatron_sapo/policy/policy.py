@@ -71,6 +71,9 @@ class Policy:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+        if cfg.use_distributed_optimizer and not torch.cuda.is_available():
+            raise ValueError("use_distributed_optimizer needs CUDA: Megatron-Core 0.16.1's distributed optimizer "
+                             "accepts only CUDA parameters; set it to false on CPU")
         self.cfg = cfg
         self.arch = read_hf_config(cfg.model_path)
         parallel.initialize(self.arch, cfg)
@@ -250,6 +253,10 @@ class Policy:
             return hidden, loss_func
 
         self._router_loads.clear()
+        if self.arch.is_moe:
+            from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+            clear_aux_losses_tracker()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._run(forward_step, micro_batches, self._padded_len(batch.input_ids), forward_only=False)
@@ -273,7 +280,7 @@ class Policy:
                 self.step += 1
         metrics.update(grad_norm=float("nan") if grad_norm is None else float(grad_norm), skipped=float(skipped),
                        lr=self.optimizer.param_groups[0]["lr"])
-        metrics.update(self._routing_metrics())
+        metrics.update(self._routing_metrics(micro_batches))
         return metrics
 
     def _global_totals(self, mask: torch.Tensor, loss_config: LossConfig) -> dict[str, float]:
@@ -296,14 +303,23 @@ class Policy:
             if isinstance(module, TopKRouter):
                 module.register_forward_hook(record)
 
-    def _routing_metrics(self) -> dict[str, float]:
+    def _routing_metrics(self, micro_batches: int) -> dict[str, float]:
         """Tokens per expert over this step's routers (this rank's tokens): max / mean and min / mean load,
-        averaged over the MoE layers seen."""
+        averaged over the MoE layers seen; with an auxiliary loss, its unscaled value (Megatron's tracker, mean
+        over MoE layers and micro-batches, this rank)."""
         if not self._router_loads:
             return {}
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
         loads = torch.stack([load / load.mean().clamp(min=1e-9) for load in self._router_loads])
-        return {"moe/load_max_over_mean": loads.max(dim=1).values.mean().item(),
-                "moe/load_min_over_mean": loads.min(dim=1).values.mean().item()}
+        out = {"moe/load_max_over_mean": loads.max(dim=1).values.mean().item(),
+               "moe/load_min_over_mean": loads.min(dim=1).values.mean().item()}
+        if not self.module.config.moe_aux_loss_coeff:
+            return out
+        moe_layers = max(1, sum(self.arch.moe_layers))
+        for name, entry in get_moe_layer_wise_logging_tracker().items():  # process-global, zeroed each step
+            out[f"moe/{name}"] = entry["values"].sum().item() / moe_layers / micro_batches
+        return out
 
     def export_hf(self, out_dir) -> None:
         """Write the current weights as a HF folder (collective; rank 0 writes, atomically)."""

@@ -29,14 +29,14 @@ def _batch(vocab, b=4, s=10, seed=0):
     return ids, mask, adv, g
 
 
-def _reference_grads(model_dir, ids, mask, adv, old):
+def _reference_grads(model_dir, ids, mask, adv, old, loss_config=LOSS):
     """Gradients of policy_loss through the transformers model (fp32 model, the loss in float64; its MoE kernels
     have no float64 path)."""
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     logp = torch.log_softmax(hf(ids).logits.double(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-    loss, _ = policy_loss(logp, old.double(), adv.double(), mask, config=LOSS)
+    loss, _ = policy_loss(logp, old.double(), adv.double(), mask, config=loss_config)
     loss.backward()
     params = {k: p.detach() for k, p in hf.named_parameters()}
     grads = {k: p.grad.double() for k, p in hf.named_parameters()}
@@ -85,7 +85,8 @@ def _check_grads(policy, ref_grads):
     return checked
 
 
-def test_single_process_micro_batches_match_reference(tmp_path):
+@pytest.mark.parametrize("loss_type", ["sapo", "gspo", "grpo"])
+def test_single_process_micro_batches_match_reference(tmp_path, loss_type):
     from megatron_sapo.policy.config import PolicyConfig
     from megatron_sapo.policy.policy import Policy, PolicyBatch
 
@@ -95,13 +96,15 @@ def test_single_process_micro_batches_match_reference(tmp_path):
     ids, mask, adv, g = _batch(300)
     ref_loss, ref_grads, ref_logp = _reference_grads(tmp_path, ids, mask, adv, torch.zeros(4, 9))
     old = (ref_logp + 0.2 * torch.randn(ref_logp.shape, generator=g, dtype=torch.float64)).float()
-    ref_loss, ref_grads, _ = _reference_grads(tmp_path, ids, mask, adv, old)
+    loss_config = LossConfig(loss_type=loss_type, loss_agg_mode="token-mean")
+    ref_loss, ref_grads, _ = _reference_grads(tmp_path, ids, mask, adv, old, loss_config)
 
     torch.testing.assert_close(policy.log_probs(ids).double(), ref_logp, rtol=0, atol=2e-5)
-    metrics = policy.train_step(PolicyBatch(ids, mask, adv, old_log_probs=old), LOSS)
+    metrics = policy.train_step(PolicyBatch(ids, mask, adv, old_log_probs=old), loss_config)
     assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5, abs=1e-7)
     assert metrics["skipped"] == 0.0 and metrics["grad_norm"] > 0 and metrics["count/tokens"] == mask.sum()
     assert 0 < metrics["ratio/min"] < 1 < metrics["ratio/max"] and metrics["moe/load_max_over_mean"] >= 1
+    assert "moe/load_balancing_loss" not in metrics  # the auxiliary loss is off here
     assert _check_grads(policy, ref_grads) > 20
 
 
@@ -143,3 +146,36 @@ def test_data_tensor_expert_pipeline_parallel_match_reference(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+
+
+def test_lr_schedule_clipping_and_aux_loss(tmp_path):
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.policy import Policy, PolicyBatch
+
+    tiny_models().build("qwen3_moe", tmp_path, router_aux_loss_coef=0.01)
+    policy = Policy(PolicyConfig(model_path=str(tmp_path), micro_batch_size=2, lr=1e-2, min_lr=1e-3,
+                                 lr_warmup_steps=2, lr_decay_steps=4, lr_decay_style="linear", clip_grad=1e-3))
+    ids, mask, adv, _ = _batch(300)
+    before = [p.detach().clone() for p in policy.module.parameters()]
+    lrs, aux = [], []
+    for _ in range(5):
+        m = policy.train_step(PolicyBatch(ids, mask, adv), LOSS)
+        lrs.append(m["lr"])
+        aux.append(m["moe/load_balancing_loss"])
+        # the reported norm is before clipping; the gradient the optimizer applied was scaled to clip_grad
+        applied = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in policy.module.parameters()))
+        assert m["grad_norm"] > 1e-3 and applied.item() == pytest.approx(1e-3, rel=1e-4)
+    # Megatron's scheduler: linear warmup over 2 steps, then linear decay to min_lr at step 4
+    assert lrs == pytest.approx([5e-3, 1e-2, 5.5e-3, 1e-3, 1e-3])
+    assert all(a > 0.9 for a in aux)  # the unscaled load-balancing loss is ~1 for balanced routing
+    # an Adam update moves a weight by at most about lr per step
+    moved = max((p.detach() - q).abs().max().item() for p, q in zip(policy.module.parameters(), before))
+    assert 0 < moved <= sum(lrs) + 1e-6
+
+
+def test_distributed_optimizer_without_cuda_is_named(tmp_path):
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.policy import Policy
+
+    with pytest.raises(ValueError, match="use_distributed_optimizer needs CUDA"):
+        Policy(PolicyConfig(model_path=str(tmp_path), use_distributed_optimizer=True))
