@@ -115,6 +115,9 @@ def rule_for(name: str, arch: HFArchitecture, lay: Layout) -> Rule | None:
     simple = {
         "input_layernorm.weight": Rule([hf + "input_layernorm.weight"], "copy", None),
         "pre_mlp_layernorm.weight": Rule([hf + "post_attention_layernorm.weight"], "copy", None),
+        # TransformerEngine's spec fuses these norms into the following linear layer
+        "self_attention.linear_qkv.layer_norm_weight": Rule([hf + "input_layernorm.weight"], "copy", None),
+        "mlp.linear_fc1.layer_norm_weight": Rule([hf + "post_attention_layernorm.weight"], "copy", None),
         "self_attention.q_layernorm.weight": Rule([attn + "q_norm.weight"], "copy", None),
         "self_attention.k_layernorm.weight": Rule([attn + "k_norm.weight"], "copy", None),
         "self_attention.linear_proj.weight": Rule([attn + "o_proj.weight"], "split1", "tp"),

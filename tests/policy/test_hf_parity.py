@@ -105,3 +105,16 @@ def test_export_round_trips_exactly_and_loads_in_transformers(tmp_path, arch, ti
     torch.testing.assert_close(token_log_probs(megatron_logits(again, ids), ids, info.vocab_size), ref, rtol=0,
                                atol=2e-5)
     assert set(exported) == set(read_safetensors(tmp_path / "src"))
+
+
+def test_transformer_engine_parameter_names_are_mapped(tmp_path):
+    # TE is not installable here; its fused-norm parameter names must still map to the HF norms
+    from megatron_sapo.policy.hf_weights import Layout, rule_for
+
+    tiny_models().build("qwen3", tmp_path)
+    arch, model = _megatron(tmp_path)
+    lay = Layout(arch, model.config)
+    assert rule_for("decoder.layers.1.self_attention.linear_qkv.layer_norm_weight", arch, lay).keys == [
+        "model.layers.1.input_layernorm.weight"]
+    assert rule_for("decoder.layers.0.mlp.linear_fc1.layer_norm_weight", arch, lay).keys == [
+        "model.layers.0.post_attention_layernorm.weight"]
