@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
+
+from megatron_sapo.policy.parallel import spawn_local
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _run(rank, world, port, args, model_dir, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      GLOO_SOCKET_IFNAME="lo")
+def _run(rank, world, args, model_dir, out):
     torch.set_num_threads(args.threads)
     from megatron.core import parallel_state as ps
 
@@ -49,7 +46,6 @@ def _run(rank, world, port, args, model_dir, out):
     seconds = (time.perf_counter() - start) / args.steps
     if rank == 0:
         Path(out).write_text(json.dumps({"seconds": seconds, "tokens": args.batch * args.seq}))
-    torch.distributed.destroy_process_group()
 
 
 def main() -> None:
@@ -68,11 +64,8 @@ def main() -> None:
               f"{args.threads} thread(s) per process; SAPO step incl. old-log-prob forward")
         results = {}
         for world in (1, 2):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
             out = Path(tmp) / f"result{world}.json"
-            mp.spawn(_run, args=(world, port, args, str(Path(tmp) / "model"), str(out)), nprocs=world, join=True)
+            spawn_local(_run, world, world, args, str(Path(tmp) / "model"), str(out))
             results[world] = json.loads(out.read_text())
         for world, r in results.items():
             label = "1 process" if world == 1 else "2 processes, EP=2"

@@ -2,12 +2,11 @@
 TP=2, EP=2 and PP=2 and gives the same next step; another model's or a damaged checkpoint is a clear error."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from megatron_sapo.policy.parallel import spawn_local
 
 from megatron_sapo.losses import LossConfig
 from megatron_sapo.policy.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -97,31 +96,22 @@ LAYOUTS = [dict(tensor_model_parallel_size=2), dict(expert_model_parallel_size=2
            dict(pipeline_model_parallel_size=2)]
 
 
-def _worker(rank, port, root, expected_loss):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
+def _worker(rank, root, expected_loss):
     from megatron.core import parallel_state as ps
 
-    try:
-        batch = _batches()[2]
-        for layout in LAYOUTS:
-            policy = Policy(_config(os.path.join(root, "model"), **layout))
-            load_checkpoint(policy, latest_checkpoint(os.path.join(root, "checkpoints")))
-            dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-            rows = slice(r * 4 // dp, (r + 1) * 4 // dp)
-            part = PolicyBatch(batch.input_ids[rows], batch.response_mask[rows], batch.advantages[rows])
-            loss = policy.train_step(part, LOSS)["loss"]
-            assert abs(loss - expected_loss) <= 1e-5 * abs(expected_loss), (layout, loss, expected_loss)
-    finally:
-        dist.destroy_process_group()
+    batch = _batches()[2]
+    for layout in LAYOUTS:
+        policy = Policy(_config(os.path.join(root, "model"), **layout))
+        load_checkpoint(policy, latest_checkpoint(os.path.join(root, "checkpoints")))
+        dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        rows = slice(r * 4 // dp, (r + 1) * 4 // dp)
+        part = PolicyBatch(batch.input_ids[rows], batch.response_mask[rows], batch.advantages[rows])
+        loss = policy.train_step(part, LOSS)["loss"]
+        assert abs(loss - expected_loss) <= 1e-5 * abs(expected_loss), (layout, loss, expected_loss)
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_checkpoint_loads_under_other_layouts(trained):
     root, expected = trained
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(root), expected["loss"]), nprocs=2, join=True)
+    spawn_local(_worker, 2, str(root), expected["loss"])

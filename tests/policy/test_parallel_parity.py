@@ -4,12 +4,11 @@ the log-probs come from the fused output-layer op over the tensor-parallel group
 sequence-parallel padding is exercised too)."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from megatron_sapo.policy.parallel import spawn_local
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 LAYOUTS = [dict(tensor_model_parallel_size=2), dict(expert_model_parallel_size=2),
@@ -17,10 +16,7 @@ LAYOUTS = [dict(tensor_model_parallel_size=2), dict(expert_model_parallel_size=2
            dict(tensor_model_parallel_size=2, expert_model_parallel_size=2, expert_tensor_parallel_size=1)]
 
 
-def _worker(rank, port, model_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
+def _worker(rank, model_dir):
     import transformers
 
     from megatron_sapo.policy.config import PolicyConfig
@@ -36,27 +32,21 @@ def _worker(rank, port, model_dir):
     with torch.no_grad():
         ref = token_log_probs(hf(ids).logits, ids, arch.vocab_size)
     source = read_safetensors(model_dir)
-    try:
-        for layout in LAYOUTS:
-            policy = Policy(PolicyConfig(model_path=model_dir, **layout))
-            err = (policy.log_probs(ids).double() - ref).abs().max().item()
-            assert err < 2e-5, (layout, err)
-            out = os.path.join(model_dir, "..", "export-" + "-".join(f"{k[:2]}{v}" for k, v in layout.items()))
-            policy.export_hf(out)
-            if rank == 0:
-                exported = read_safetensors(out)
-                assert set(source) == set(exported), layout
-                for key, tensor in source.items():
-                    assert torch.equal(tensor, exported[key]), (layout, key)
-    finally:
-        dist.destroy_process_group()
+    for layout in LAYOUTS:
+        policy = Policy(PolicyConfig(model_path=model_dir, **layout))
+        err = (policy.log_probs(ids).double() - ref).abs().max().item()
+        assert err < 2e-5, (layout, err)
+        out = os.path.join(model_dir, "..", "export-" + "-".join(f"{k[:2]}{v}" for k, v in layout.items()))
+        policy.export_hf(out)
+        if rank == 0:
+            exported = read_safetensors(out)
+            assert set(source) == set(exported), layout
+            for key, tensor in source.items():
+                assert torch.equal(tensor, exported[key]), (layout, key)
 
 
 def test_parallel_layouts_match_transformers_and_export_exactly(tmp_path):
     from .harness import tiny_models
 
     tiny_models().build("qwen3_moe", tmp_path / "src")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path / "src")), nprocs=2, join=True)
+    spawn_local(_worker, 2, str(tmp_path / "src"))

@@ -3,13 +3,11 @@ step (lr 0, no clipping), every Megatron gradient shard equals the float64 gradi
 transformers model, mapped to Megatron's layout by the weight-conversion rules. Micro-batching, data parallel
 (global normalisation), TP, EP and PP are each checked."""
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from megatron_sapo.policy.parallel import spawn_local
 
 from megatron_sapo.losses import LossConfig, policy_loss
 from megatron_sapo.policy.hf_weights import read_safetensors
@@ -112,10 +110,7 @@ LAYOUTS = [dict(), dict(tensor_model_parallel_size=2), dict(expert_model_paralle
            dict(pipeline_model_parallel_size=2)]
 
 
-def _worker(rank, port, model_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
+def _worker(rank, model_dir):
     from megatron.core import parallel_state as ps
 
     from megatron_sapo.policy.config import PolicyConfig
@@ -124,28 +119,22 @@ def _worker(rank, port, model_dir):
     ids, mask, adv, g = _batch(300)
     old = -torch.rand(4, 9, generator=g) * 6
     ref_loss, ref_grads, _ = _reference_grads(model_dir, ids, mask, adv, old)
-    try:
-        for layout in LAYOUTS:
-            policy = Policy(PolicyConfig(model_path=model_dir, micro_batch_size=1, lr=0.0, clip_grad=0.0,
-                                         moe_aux_loss_coeff=0.0, **layout))
-            dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-            rows = slice(dp_rank * 4 // dp, (dp_rank + 1) * 4 // dp)  # each data-parallel rank its part of the batch
-            print("layout", layout, flush=True)
-            metrics = policy.train_step(PolicyBatch(ids[rows], mask[rows], adv[rows], old_log_probs=old[rows]), LOSS)
-            assert abs(metrics["loss"] - ref_loss) <= 1e-5 * abs(ref_loss) + 1e-7, (layout, metrics["loss"], ref_loss)
-            assert _check_grads(policy, ref_grads) > 0, layout
-    finally:
-        dist.destroy_process_group()
+    for layout in LAYOUTS:
+        policy = Policy(PolicyConfig(model_path=model_dir, micro_batch_size=1, lr=0.0, clip_grad=0.0,
+                                     moe_aux_loss_coeff=0.0, **layout))
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        rows = slice(dp_rank * 4 // dp, (dp_rank + 1) * 4 // dp)  # each data-parallel rank its part of the batch
+        print("layout", layout, flush=True)
+        metrics = policy.train_step(PolicyBatch(ids[rows], mask[rows], adv[rows], old_log_probs=old[rows]), LOSS)
+        assert abs(metrics["loss"] - ref_loss) <= 1e-5 * abs(ref_loss) + 1e-7, (layout, metrics["loss"], ref_loss)
+        assert _check_grads(policy, ref_grads) > 0, layout
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_data_tensor_expert_pipeline_parallel_match_reference(tmp_path):
     tiny_models().build("qwen3_moe", tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    spawn_local(_worker, 2, str(tmp_path))
 
 
 def test_lr_schedule_clipping_and_aux_loss(tmp_path):
