@@ -25,6 +25,7 @@ setup(
         "numpy>=1.24",
         "packaging",
         "psutil",  # megatron-core's dist_checkpointing needs it without declaring it
+        "pyarrow>=14",  # Parquet prompt files
         "pyyaml>=6",
         "safetensors>=0.4",
         "transformers>=4.51",  # Qwen3 / Qwen3-MoE configs; also the reference the policy is tested against
