@@ -18,8 +18,31 @@ COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_
 ARCHITECTURES = ("qwen3_moe", "qwen3", "qwen2", "llama")
 
 
-def build(arch: str, out: str | Path, *, seed: int = 0, tie_word_embeddings: bool = False, **overrides):
-    """Save a tiny random `arch` model to `out` and return the transformers model (fp32, eval mode)."""
+# A character-level vocabulary: each printable ASCII character is one token, which suits the synthetic tasks
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
+
+
+def build_tokenizer(out: str | Path | None = None):
+    """A character-level fast tokenizer (special tokens, then printable ASCII), saved to `out` when given."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    if out is not None:
+        tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def build(arch: str, out: str | Path, *, seed: int = 0, tie_word_embeddings: bool = False,
+          with_tokenizer: bool = True, **overrides):
+    """Save a tiny random `arch` model (and the character tokenizer) to `out`; return the transformers model (fp32,
+    eval mode)."""
     import torch
     import transformers
 
@@ -47,6 +70,10 @@ def build(arch: str, out: str | Path, *, seed: int = 0, tie_word_embeddings: boo
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.1)
+    if with_tokenizer:
+        tokenizer = build_tokenizer(out)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     return model
 
