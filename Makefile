@@ -10,12 +10,16 @@ export OMP_NUM_THREADS ?= 1
 
 include kernels/kernels.mk
 
-.PHONY: help install test test-kernels-native kernels bench demo clean
+SGLANG_VENV ?= .venv-sglang
+SGLANG_STAMP := $(SGLANG_VENV)/.installed
+
+.PHONY: help install sglang-env test test-kernels-native kernels bench demo clean
 
 help:
 	@echo "make install  create $(VENV) and install megatron_sapo with the pinned CI versions"
 	@echo "make demo     the main job (until the trainer lands: the loss library's Figure 1 and gate table)"
 	@echo "make test     install, build the host kernels, then run the test suite"
+	@echo "make sglang-env  the SGLang server's own environment ($(SGLANG_VENV)), used by the rollout tests"
 	@echo "make kernels  build kernels/build/libsapo_kernels_{host,cuda}.so (the CUDA one needs nvcc)"
 	@echo "make test-kernels-native  the kernels' C++ checks: host run, ThreadSanitizer, nvcc build"
 	@echo "make bench    the fused-loss and training-step benchmarks (tools/bench_*.py)"
@@ -27,11 +31,20 @@ $(STAMP): setup.py $(CONSTRAINTS)
 
 install: $(STAMP)
 
+# SGLang in its own environment; tools/sglang_cpu_stubs stands in for the two imports without a CPU build
+$(SGLANG_STAMP): requirements/sglang-cpu.txt
+	test -x $(SGLANG_VENV)/bin/python || $(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/pip install --quiet -r requirements/sglang-cpu.txt
+	$(SGLANG_VENV)/bin/pip install --quiet --no-deps sglang==0.5.23 compressed-tensors==0.18.0
+	touch $(SGLANG_STAMP)
+
+sglang-env: $(SGLANG_STAMP)
+
 kernels: kernels-build
 
 # The test suite runs the CUDA source through its host build, so it needs that library (not nvcc).
-test: $(STAMP) $(KERNEL_HOST_LIB)
-	SAPO_REQUIRE_KERNELS=1 $(PY) -m pytest tests
+test: $(STAMP) $(KERNEL_HOST_LIB) $(SGLANG_STAMP)
+	SAPO_REQUIRE_KERNELS=1 SAPO_SGLANG_PYTHON=$(SGLANG_VENV)/bin/python $(PY) -m pytest tests
 
 test-kernels-native:
 	bash kernels/tests_host/run.sh
@@ -46,4 +59,4 @@ demo: $(STAMP)
 	$(PY) tools/plot_sapo_gate.py --out $(OUT)/sapo_gate.png
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(OUT) $(KERNEL_BUILD)
+	rm -rf $(VENV) $(SGLANG_VENV) build *.egg-info $(OUT) $(KERNEL_BUILD)

@@ -1,5 +1,5 @@
-"""Rollout engines behind one interface (engine.py): the embedded transformers engine (CPU default); the SGLang
-engine arrives with the rest of the rollout issue."""
+"""Rollout engines behind one interface (engine.py): the embedded transformers engine (CPU default) and SGLang
+servers (sglang.py, imported on demand: megatron_sapo.rollout.sglang)."""
 
 from .embedded import EmbeddedEngine
 from .engine import Completion, RolloutEngine, SamplingParams

@@ -1,0 +1,214 @@
+"""The SGLang rollout engine: SGLang servers started as subprocesses (local) or attached by URL (cluster), spoken to
+over HTTP. The only place that knows SGLang's API.
+
+- Prompts are tokenised here and sent as input_ids, so the completion's prompt ids are exact; each of the n samples
+  of a prompt is its own request, spread round-robin over the servers by a bounded thread pool.
+- A request that fails on a dropped connection is retried on the next server; a local server whose process died is
+  restarted (and waited for) and its requests re-sent, so a batch completes whatever happens to one server.
+- Weight sync: POST /update_weights_from_disk with the exported folder and a weight_version, then /flush_cache;
+  responses carry meta_info.weight_version, which the caller can check.
+- The server may live in its own virtual environment (its pins cannot clash with the trainer's): `python` names
+  that environment's interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .engine import Completion, SamplingParams, check_prompts
+
+
+class SGLangError(RuntimeError):
+    pass
+
+
+def _post(url: str, payload: dict, timeout: float) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read().decode(errors="replace")
+    try:
+        return json.loads(body) if body.strip() else {}
+    except json.JSONDecodeError:  # some endpoints (/flush_cache) answer in plain text
+        return {"text": body}
+
+
+def _get(url: str, timeout: float) -> int:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.status
+
+
+class SGLangServer:
+    """One local SGLang server process (CPU or GPU); its log goes to `log_path`."""
+
+    def __init__(self, model_dir: str | Path, port: int, *, python: str = "python", log_path: str | Path,
+                 extra_args: tuple[str, ...] = (), env: dict | None = None, startup_timeout: float = 300.0):
+        self.model_dir, self.port, self.python = str(model_dir), port, python
+        self.log_path, self.extra_args, self.env = Path(log_path), tuple(extra_args), dict(env or {})
+        self.startup_timeout = startup_timeout
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [self.python, "-m", "sglang.launch_server", "--model-path", self.model_dir, "--host", "127.0.0.1",
+               "--port", str(self.port), *self.extra_args]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                                        start_new_session=True)
+        log.close()
+        self.wait_ready()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise SGLangError(f"SGLang server on port {self.port} exited with code {self.process.returncode}:\n"
+                                  f"{self.last_log_lines()}")
+            try:
+                if _get(self.url + "/health", timeout=5) == 200:
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise SGLangError(f"SGLang server on port {self.port} not ready after {self.startup_timeout:.0f} s:\n"
+                          f"{self.last_log_lines()}")
+
+    def last_log_lines(self, count: int = 30) -> str:
+        if not self.log_path.is_file():
+            return "(no log)"
+        with self.log_path.open(errors="replace") as f:
+            return "".join(deque(f, maxlen=count))
+
+    def stop(self) -> None:
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+
+class SGLangEngine:
+    """Generation over one or more SGLang servers: local SGLangServer objects (restartable) and/or URLs."""
+
+    def __init__(self, tokenizer, *, servers: list[SGLangServer] = (), urls: list[str] = (), version: str = "0",
+                 concurrency: int = 16, retries: int = 3, request_timeout: float = 600.0):
+        if not servers and not urls:
+            raise ValueError("SGLangEngine needs at least one server or URL")
+        self.tokenizer, self.version = tokenizer, version
+        self.servers = list(servers)
+        self.urls = [s.url for s in self.servers] + [u.rstrip("/") for u in urls]
+        self.concurrency, self.retries, self.request_timeout = concurrency, retries, request_timeout
+        self._next = 0
+        self._lock = threading.Lock()
+        self._restart_locks = [threading.Lock() for _ in self.servers]
+        self.stats = {"retries": 0, "restarts": 0}
+        for url in self.urls:
+            self._check_reachable(url)
+
+    def _check_reachable(self, url: str) -> None:
+        try:
+            _get(url + "/health", timeout=10)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+            raise SGLangError(f"SGLang server {url} is unreachable: {err}") from err
+
+    def _pick(self) -> int:
+        with self._lock:
+            index = self._next % len(self.urls)
+            self._next += 1
+        return index
+
+    def _revive(self, index: int) -> None:
+        """After a failed request to a local server: restart it if its process died, else wait until it answers
+        /health (it may be restarting for another request). URL-only servers are left to their owner."""
+        if index >= len(self.servers):
+            time.sleep(1.0)
+            return
+        server = self.servers[index]
+        with self._restart_locks[index]:
+            if server.alive():
+                try:
+                    server.wait_ready()
+                    return
+                except SGLangError:  # it died (or hung) while we waited
+                    pass
+            server.stop()
+            server.start()
+            with self._lock:
+                self.stats["restarts"] += 1
+
+    def _request(self, payload: dict) -> dict:
+        last_error = None
+        index = self._pick()
+        for _attempt in range(self.retries + 1):
+            try:
+                return _post(self.urls[index] + "/generate", payload, self.request_timeout)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+                last_error = err
+                with self._lock:
+                    self.stats["retries"] += 1
+                self._revive(index)
+                index = (index + 1) % len(self.urls)
+        raise SGLangError(f"generation failed after {self.retries + 1} attempts: {last_error}")
+
+    def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[list[Completion]]:
+        check_prompts(prompts, n)
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or -1,
+                    "max_new_tokens": params.max_new_tokens, "stop": list(params.stop)}
+        jobs = []
+        for i, ids in enumerate(prompt_ids):
+            for k in range(n):
+                job = dict(sampling)
+                if params.seed is not None:
+                    job["sampling_seed"] = params.seed + i * n + k
+                jobs.append({"input_ids": ids, "sampling_params": job, "return_logprob": True,
+                             "logprob_start_len": -1})
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            responses = list(pool.map(self._request, jobs))
+        out = [self._completion(ids, r) for ids, r in zip((ids for ids in prompt_ids for _ in range(n)), responses)]
+        return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    @staticmethod
+    def _completion(prompt_ids: list[int], response: dict) -> Completion:
+        meta = response.get("meta_info", {})
+        logprobs = meta.get("output_token_logprobs") or []
+        output_ids = response.get("output_ids") or [entry[1] for entry in logprobs]
+        finish = meta.get("finish_reason") or {}
+        reason = "length" if finish.get("type") == "length" else "stop"
+        return Completion(prompt_ids=list(prompt_ids), output_ids=list(output_ids),
+                          output_logprobs=[float(entry[0]) for entry in logprobs], text=response.get("text", ""),
+                          finish_reason=reason, weight_version=str(meta.get("weight_version", "")))
+
+    def update_weights(self, model_dir: str | Path, version: str) -> None:
+        """Load the exported folder on every server and tag later responses with `version`."""
+        if not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
+        for url in self.urls:
+            result = _post(url + "/update_weights_from_disk", {"model_path": str(model_dir), "weight_version": version},
+                           self.request_timeout)
+            if result.get("success") is False:
+                raise SGLangError(f"{url} refused the weights in {model_dir}: {result.get('message')}")
+            _post(url + "/flush_cache", {}, 60)
+        self.version = version
+
+    def shutdown(self) -> None:
+        for server in self.servers:
+            server.stop()
