@@ -22,6 +22,7 @@ setup(
         "torch>=2.6",
         # 0.16.1 is the newest release for Python 3.11; clusters on Python 3.12+ may take newer ones.
         "megatron-core>=0.16.1,<0.20",
+        "math-verify>=0.9,<1",  # symbolic answer equivalence of the math reward (parse / verify without timeouts)
         "numpy>=1.24",
         "packaging",
         "psutil",  # megatron-core's dist_checkpointing needs it without declaring it
