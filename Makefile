@@ -50,9 +50,10 @@ test-kernels-native:
 	bash kernels/tests_host/run.sh
 	bash kernels/tests_host/run_sapo_kernels.sh
 
-bench: $(STAMP)
+bench: $(STAMP) $(SGLANG_STAMP)
 	$(PY) tools/bench_fused_loss.py --with-megatron
 	$(PY) tools/bench_train_step.py
+	$(PY) tools/bench_rollout.py
 
 demo: $(STAMP)
 	$(VENV)/bin/megatron-sapo info

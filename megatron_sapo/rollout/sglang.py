@@ -32,6 +32,12 @@ class SGLangError(RuntimeError):
     pass
 
 
+# config.json keys that fix the weights' shapes: an update must agree on all of them
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "moe_intermediate_size",
+              "tie_word_embeddings")
+
+
 def _post(url: str, payload: dict, timeout: float) -> dict:
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
@@ -198,9 +204,18 @@ class SGLangEngine:
                           finish_reason=reason, weight_version=str(meta.get("weight_version", "")))
 
     def update_weights(self, model_dir: str | Path, version: str) -> None:
-        """Load the exported folder on every server and tag later responses with `version`."""
-        if not (Path(model_dir) / "config.json").is_file():
+        """Load the exported folder on every server and tag later responses with `version`. The folder's shapes are
+        checked against each local server's model first: SGLang dies on weights of the wrong shape."""
+        config_path = Path(model_dir) / "config.json"
+        if not config_path.is_file():
             raise FileNotFoundError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
+        new = json.loads(config_path.read_text())
+        for server in self.servers:
+            served = json.loads((Path(server.model_dir) / "config.json").read_text())
+            diff = {k: (served.get(k), new.get(k)) for k in SHAPE_KEYS if served.get(k) != new.get(k)}
+            if diff:
+                raise ValueError(f"{model_dir} does not fit the served model {server.model_dir}: " +
+                                 ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in diff.items()))
         for url in self.urls:
             result = _post(url + "/update_weights_from_disk", {"model_path": str(model_dir), "weight_version": version},
                            self.request_timeout)

@@ -80,6 +80,10 @@ def test_weight_update_is_versioned_and_takes_effect(served):
         engine.update_weights(root / "v0", "step-0")
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder"):
         engine.update_weights(root / "nowhere", "bad")
+    tiny_models().build("qwen3_moe", root / "wider", hidden_size=96)
+    with pytest.raises(ValueError, match="does not fit the served model .*hidden_size 64 vs 96"):
+        engine.update_weights(root / "wider", "bad")
+    assert engine.generate(["90:"], 1, SamplingParams(max_new_tokens=2))[0][0].weight_version == "step-0"
 
 
 def test_killed_server_is_restarted_and_the_batch_completes(served):
