@@ -112,6 +112,9 @@ class Policy:
             start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=1, wd_incr_style="constant",
         )
         self.step = 0
+        # where the batch and the collectives' small tensors live (NCCL accepts only CUDA tensors)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
         self._router_loads: list[torch.Tensor] = []
         if self.arch.is_moe:
             self._watch_routers(model)
@@ -138,10 +141,8 @@ class Policy:
     def _hidden(self, model, input_ids):
         """Final-normed hidden states [b, s, h] (last stage) of input_ids; sequences are right-padded to a multiple
         of the tensor-parallel size for sequence parallelism, and the padding is cut off again."""
-        from megatron.core import parallel_state as ps
-
         seq_len = input_ids.shape[1]
-        pad = -seq_len % ps.get_tensor_model_parallel_world_size()
+        pad = self._padded_len(input_ids) - seq_len
         if pad:
             input_ids = torch.nn.functional.pad(input_ids, (0, pad))
         out = self._forward(model, input_ids)
@@ -194,7 +195,8 @@ class Policy:
         from megatron.core import parallel_state as ps
 
         mbs = self.cfg.micro_batch_size
-        out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1)
+        input_ids = input_ids.to(self.device)
+        out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, device=self.device)
 
         def forward_step(iterator, model):
             i = next(iterator)
@@ -223,6 +225,7 @@ class Policy:
         A non-finite loss or gradient norm skips the update (reported as skipped = 1), it is never applied."""
         from megatron.core import parallel_state as ps
 
+        batch = PolicyBatch(**{k: None if v is None else v.to(self.device) for k, v in vars(batch).items()})
         old = batch.old_log_probs if batch.old_log_probs is not None else self.log_probs(batch.input_ids, temperature)
         mask = batch.response_mask.bool()
         micro_batches = self._micro_batches(batch.input_ids.shape[0])
@@ -238,6 +241,8 @@ class Policy:
             hidden = self._hidden(model, ids)
 
             def loss_func(h):
+                if not mask[rows].any():  # nothing to learn from here; the step's normalisers already exclude it
+                    return h.sum() * 0.0, {}
                 weight, start = self._output_weight()
                 rollout = None if batch.rollout_log_probs is None else batch.rollout_log_probs[rows]
                 loss, metrics = fused_linear_policy_loss(
@@ -263,11 +268,11 @@ class Policy:
         metrics = None
         if self.last_stage:
             metrics = _merge_metrics(collected)
-            step_loss = torch.tensor([metrics["loss"]])  # this rank's share of the globally normalised loss
+            step_loss = torch.tensor([metrics["loss"]], device=self.device)  # this rank's share of the loss
             dist.all_reduce(step_loss, group=ps.get_data_parallel_group())
             metrics["loss"] = step_loss.item()
         metrics = self._broadcast_from_last_stage(metrics)
-        loss_ok = torch.tensor([float(torch.isfinite(torch.tensor(metrics["loss"])))])
+        loss_ok = torch.tensor([float(torch.isfinite(torch.tensor(metrics["loss"])))], device=self.device)
         dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)
         skipped = True
         grad_norm = float("nan")
@@ -288,7 +293,7 @@ class Policy:
         from megatron.core import parallel_state as ps
 
         rows = mask.shape[0] if loss_config.loss_agg_mode == "seq-mean-token-sum-norm" else mask.any(-1).sum()
-        counts = torch.tensor([float(mask.sum()), float(rows)])
+        counts = torch.tensor([float(mask.sum()), float(rows)], device=self.device)
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
         return {"total_tokens": counts[0].item(), "total_seqs": counts[1].item()}
 

@@ -137,6 +137,22 @@ def test_data_tensor_expert_pipeline_parallel_match_reference(tmp_path):
     spawn_local(_worker, 2, str(tmp_path))
 
 
+def test_micro_batch_without_response_tokens_contributes_nothing(tmp_path):
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.policy import Policy, PolicyBatch
+
+    tiny_models().build("qwen3_moe", tmp_path)
+    policy = Policy(PolicyConfig(model_path=str(tmp_path), micro_batch_size=2, lr=0.0, clip_grad=0.0,
+                                 moe_aux_loss_coeff=0.0))
+    ids, mask, adv, g = _batch(300)
+    mask[:2] = False  # the first micro-batch has no response token
+    old = -torch.rand(4, 9, generator=g) * 6
+    ref_loss, ref_grads, _ = _reference_grads(tmp_path, ids, mask, adv, old)
+    metrics = policy.train_step(PolicyBatch(ids, mask, adv, old_log_probs=old), LOSS)
+    assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5) and metrics["count/tokens"] == mask.sum()
+    assert _check_grads(policy, ref_grads) > 20
+
+
 def test_lr_schedule_clipping_and_aux_loss(tmp_path):
     from megatron_sapo.policy.config import PolicyConfig
     from megatron_sapo.policy.policy import Policy, PolicyBatch
