@@ -57,7 +57,7 @@ def _hidden_passthrough(config):
     return forward
 
 
-def _causal_mask(seq_len: int, device) -> torch.Tensor:
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
     # True = masked; explicit, because Megatron's default mask is built on "cuda"
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)[None, None]
 
@@ -151,7 +151,7 @@ class Policy:
     def _forward(self, model, input_ids):
         b, s = input_ids.shape
         positions = torch.arange(s, device=input_ids.device)[None].expand(b, s)
-        return model(input_ids, positions, _causal_mask(s, input_ids.device))
+        return model(input_ids, positions, causal_mask(s, input_ids.device))
 
     @staticmethod
     def _padded_len(input_ids) -> int:

@@ -114,11 +114,11 @@ class SGLangServer:
 class SGLangEngine:
     """Generation over one or more SGLang servers: local SGLangServer objects (restartable) and/or URLs."""
 
-    def __init__(self, tokenizer, *, servers: list[SGLangServer] = (), urls: list[str] = (), version: str = "0",
+    def __init__(self, tokenizer, *, servers: list[SGLangServer] = (), urls: list[str] = (),
                  concurrency: int = 16, retries: int = 3, request_timeout: float = 600.0):
         if not servers and not urls:
             raise ValueError("SGLangEngine needs at least one server or URL")
-        self.tokenizer, self.version = tokenizer, version
+        self.tokenizer = tokenizer
         self.servers = list(servers)
         self.urls = [s.url for s in self.servers] + [u.rstrip("/") for u in urls]
         self.concurrency, self.retries, self.request_timeout = concurrency, retries, request_timeout
@@ -222,7 +222,6 @@ class SGLangEngine:
             if result.get("success") is False:
                 raise SGLangError(f"{url} refused the weights in {model_dir}: {result.get('message')}")
             _post(url + "/flush_cache", {}, 60)
-        self.version = version
 
     def shutdown(self) -> None:
         for server in self.servers:

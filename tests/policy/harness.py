@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_sapo.policy.policy import causal_mask
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -15,12 +17,6 @@ def tiny_models():
     sys.modules.setdefault("tiny_models", module)
     spec.loader.exec_module(module)
     return module
-
-
-def causal_mask(seq_len: int) -> torch.Tensor:
-    """Megatron's attention mask convention: True where attention is NOT allowed (an explicit mask, built on the
-    CPU; Megatron's default one is built on "cuda")."""
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), 1)[None, None]
 
 
 def megatron_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
