@@ -1,5 +1,7 @@
 """The `megatron-sapo` command. Subcommands stay thin: each parses its arguments and calls the library.
 
+  train  RL training from a YAML config with dotted overrides (one process, or under torchrun / srun)
+  plot   PNG training curves of a run, read from its MLflow store
   info   what this installation has: versions, CUDA, the optional accelerators
   gate   SAPO's gate value f(r) and gradient weight w(r) for given ratios and temperatures
 """
@@ -57,6 +59,41 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from .config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter and bucket
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        from .config import dump_yaml
+
+        print(dump_yaml(cfg), end="")
+        return 0
+    from .trainer import Trainer
+
+    Trainer(cfg).run()
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .plots import plot_run
+    from .tracking import TrackingConfig, find_run_id, resolve_tracking_uri
+
+    run_dir = Path(args.output_dir)
+    run_id = args.run_id or find_run_id(run_dir)
+    if run_id is None:
+        raise ValueError(f"{run_dir} holds no MLflow run id (mlflow/run_id); pass --run-id")
+    uri = args.tracking_uri or resolve_tracking_uri(TrackingConfig(), run_dir)
+    for path in plot_run(uri, run_id, Path(args.out) if args.out else run_dir / "plots"):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-sapo",
@@ -64,6 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"megatron_sapo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train", help="train a policy with SAPO (or GSPO / the GRPO family) from a YAML config",
+        description="RL training: prompts -> rollouts -> rewards -> advantages -> mini-batch updates -> weight sync, "
+        "with evaluation, checkpoints (resumed automatically) and MLflow tracking. Run it as one process, or under "
+        "torchrun / srun for tensor, pipeline and expert parallelism.")
+    train.add_argument("config", help="YAML config, e.g. recipes/tiny_cpu.yaml")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotted overrides applied after the file, e.g. trainer.steps=10 loss.loss_type=gspo")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.set_defaults(func=cmd_train)
+
+    plot = sub.add_parser("plot", help="draw a run's training curves (reward, pass@1, gate statistics, lengths)",
+                          description="Read a run's metrics from MLflow and write PNG curves.")
+    plot.add_argument("output_dir", help="the run's output_dir (its MLflow run id is read from there)")
+    plot.add_argument("--run-id", help="MLflow run id (default: the one recorded in output_dir)")
+    plot.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the store in "
+                      "output_dir)")
+    plot.add_argument("--out", help="folder for the PNG files (default: output_dir/plots)")
+    plot.set_defaults(func=cmd_plot)
 
     info = sub.add_parser("info", help="print versions, CUDA availability and the optional accelerators")
     info.set_defaults(func=cmd_info)

@@ -127,12 +127,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(policy, root: str | Path) -> Path:
-    """Save the policy as root/step_XXXXXXXX and point root/latest at it (collective; every rank calls it)."""
+def save_checkpoint(policy, root: str | Path, extra: dict | None = None, *, number: int | None = None) -> Path:
+    """Save the policy as root/step_XXXXXXXX and point root/latest at it (collective; every rank calls it).
+    XXXXXXXX is `number` (the trainer passes its RL step) or the policy's optimizer step. `extra` (JSON-serialisable,
+    e.g. the trainer's loop state) goes into the manifest, so it is written atomically with the weights."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
-    final = root / f"step_{policy.step:08d}"
+    final = root / f"step_{policy.step if number is None else number:08d}"
     tmp = root / f".{final.name}.tmp"
     if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -144,7 +146,7 @@ def save_checkpoint(policy, root: str | Path) -> Path:
     _barrier()
     if dist.get_rank() == 0:
         manifest = {"step": policy.step, "world_size": dist.get_world_size(), "model": _model_identity(policy),
-                    "policy_config": asdict(policy.cfg)}
+                    "policy_config": asdict(policy.cfg), "extra": extra or {}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         old = root / f".{final.name}.old"
         if final.exists():
@@ -169,8 +171,9 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(policy, path: str | Path) -> None:
-    """Load model, optimizer, scheduler, step and (same world size) RNG states into `policy` (collective)."""
+def load_checkpoint(policy, path: str | Path) -> dict:
+    """Load model, optimizer, scheduler, step and (same world size) RNG states into `policy` (collective); return
+    the `extra` dict saved with it."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
@@ -206,6 +209,7 @@ def load_checkpoint(policy, path: str | Path) -> None:
     policy.step = int(state["step"])
     if same_world:
         _set_rng_state(state["rng"])
+    return manifest.get("extra", {})
 
 
 def _same_world(manifest: dict) -> bool:

@@ -204,6 +204,9 @@ class Policy:
             hidden = self._hidden(model, ids)
 
             def collect(h):
+                if not bool(torch.isfinite(h).all()):  # NaN log-probs; a train step on them is then skipped
+                    out[i * mbs:(i + 1) * mbs] = float("nan")
+                    return h.sum() * 0, {}
                 weight, start = self._output_weight()
                 out[i * mbs:(i + 1) * mbs] = fused_linear_logprobs(
                     h[:, :-1].contiguous(), weight, ids[:, 1:], temperature=temperature,
@@ -222,7 +225,8 @@ class Policy:
     def train_step(self, batch: PolicyBatch, loss_config: LossConfig, temperature: float = 1.0) -> dict[str, float]:
         """One optimizer step on the batch (gradient accumulation over its micro-batches). Returns the loss
         library's metrics (token-weighted over micro-batches) and loss, grad_norm, lr, skipped, MoE routing loads.
-        A non-finite loss or gradient norm skips the update (reported as skipped = 1), it is never applied."""
+        A non-finite loss or gradient norm, or non-finite hidden states or old log-probs, skips the update
+        (reported as skipped = 1, loss NaN): it is never applied, and no exception stops the run."""
         from megatron.core import parallel_state as ps
 
         batch = PolicyBatch(**{k: None if v is None else v.to(self.device) for k, v in vars(batch).items()})
@@ -242,6 +246,9 @@ class Policy:
 
             def loss_func(h):
                 if not mask[rows].any():  # nothing to learn from here; the step's normalisers already exclude it
+                    return h.sum() * 0.0, {}
+                if not bool(torch.isfinite(h).all() & torch.isfinite(old[rows][mask[rows]]).all()):
+                    collected.append({"loss": float("nan")})  # the whole step is skipped below, on every rank
                     return h.sum() * 0.0, {}
                 weight, start = self._output_weight()
                 rollout = None if batch.rollout_log_probs is None else batch.rollout_log_probs[rows]
@@ -336,11 +343,10 @@ def _merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
     the rest token-weighted means."""
     if not parts:
         return {}
-    weights = [p.get("count/tokens", 1.0) for p in parts]
-    total = sum(weights) or 1.0
     merged = {}
-    for key in parts[0]:
-        values = [p[key] for p in parts]
+    for key in dict.fromkeys(k for p in parts for k in p):  # a skipped micro-batch reports only its NaN loss
+        present = [p for p in parts if key in p]
+        values = [p[key] for p in present]
         if key.startswith("count/") or key == "loss":
             merged[key] = sum(values)
         elif key.endswith("/min"):
@@ -348,5 +354,6 @@ def _merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
         elif key.endswith("/max"):
             merged[key] = max(values)
         else:
-            merged[key] = sum(v * w for v, w in zip(values, weights)) / total
+            weights = [p.get("count/tokens", 1.0) for p in present]
+            merged[key] = sum(v * w for v, w in zip(values, weights)) / (sum(weights) or 1.0)
     return merged

@@ -153,6 +153,38 @@ def test_micro_batch_without_response_tokens_contributes_nothing(tmp_path):
     assert _check_grads(policy, ref_grads) > 20
 
 
+def test_non_finite_step_is_skipped_not_applied(tmp_path):
+    """A weight turned NaN (as an overflow would) makes the hidden states and the loss non-finite: the step reports
+    skipped = 1 and a NaN loss, raises nothing, and changes no parameter; NaN old log-probs do the same."""
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.policy import Policy, PolicyBatch
+
+    tiny_models().build("qwen3_moe", tmp_path)
+    policy = Policy(PolicyConfig(model_path=str(tmp_path), micro_batch_size=2, lr=1e-2))
+    ids, mask, adv, _ = _batch(300)
+    old = policy.log_probs(ids)
+    bad_old = old.clone()
+    bad_old[1, 5] = float("nan")
+    before = {n: p.detach().clone() for n, p in policy.module.named_parameters()}
+    metrics = policy.train_step(PolicyBatch(ids, mask, adv, old_log_probs=bad_old), LOSS)
+    assert metrics["skipped"] == 1.0 and metrics["loss"] != metrics["loss"] and policy.step == 0
+    assert all(torch.equal(before[n], p) for n, p in policy.module.named_parameters())
+
+    proj = policy.module.decoder.layers[0].self_attention.linear_proj.weight
+    with torch.no_grad():
+        proj[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in policy.module.named_parameters()}
+    assert policy.log_probs(ids).isnan().all()
+    metrics = policy.train_step(PolicyBatch(ids, mask, adv, old_log_probs=old), LOSS)
+    assert metrics["skipped"] == 1.0 and policy.step == 0
+    for name, p in policy.module.named_parameters():
+        torch.testing.assert_close(p, before[name], rtol=0, atol=0, equal_nan=True)
+    with torch.no_grad():  # repaired, the next step is applied
+        proj[0, 0] = 0.0
+    metrics = policy.train_step(PolicyBatch(ids, mask, adv, old_log_probs=old), LOSS)
+    assert metrics["skipped"] == 0.0 and policy.step == 1
+
+
 def test_lr_schedule_clipping_and_aux_loss(tmp_path):
     from megatron_sapo.policy.config import PolicyConfig
     from megatron_sapo.policy.policy import Policy, PolicyBatch

@@ -1,0 +1,69 @@
+"""The rollout component's configuration (`rollout.*` keys): which engine generates, and how it samples.
+
+`rollout.sglang.*` says where the SGLang servers are: attached by URL (servers a cluster job started on rollout nodes)
+or started here as local subprocesses from the policy's exported weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..losses.config import check_choice
+from .engine import SamplingParams
+
+ENGINES = ("embedded", "sglang")
+
+
+@dataclass(frozen=True)
+class SGLangConfig:
+    urls: list[str] = field(default_factory=list)  # running servers to attach to; empty: start `num_servers` here
+    num_servers: int = 1
+    python: str | None = None  # the servers' interpreter; None: $SAPO_SGLANG_PYTHON, else this one
+    args: list[str] = field(default_factory=list)  # extra launch_server arguments (e.g. --tp-size 8, CPU settings)
+    env: dict = field(default_factory=dict)  # extra environment of the server processes
+    concurrency: int = 64  # requests in flight over all servers
+    retries: int = 3
+    startup_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_servers", "concurrency"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"rollout.sglang.{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"rollout.sglang.retries must be an integer >= 0, got {self.retries!r}")
+        if not math.isfinite(self.startup_timeout_s) or self.startup_timeout_s <= 0:
+            raise ValueError(f"rollout.sglang.startup_timeout_s must be > 0, got {self.startup_timeout_s!r}")
+        bad = [u for u in self.urls if not isinstance(u, str) or not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"rollout.sglang.urls must be http(s) URLs, got {bad}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
+            raise ValueError(f"rollout.sglang.env must map strings to strings, got {self.env!r}")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: str = "embedded"  # "embedded" (transformers in the trainer's process, the CPU default) or "sglang"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)  # stop strings; EOS always stops
+    embedded_batch_prompts: int = 64  # prompts per transformers generate call (each with its n samples)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("rollout.engine", self.engine, ENGINES)
+        try:
+            self.sampling()
+        except ValueError as err:
+            raise ValueError(f"rollout.{err}") from None
+        if isinstance(self.embedded_batch_prompts, bool) or not isinstance(self.embedded_batch_prompts, int) \
+                or self.embedded_batch_prompts < 1:
+            raise ValueError(f"rollout.embedded_batch_prompts must be an integer >= 1, got "
+                             f"{self.embedded_batch_prompts!r}")
+
+    def sampling(self, *, temperature: float | None = None, seed: int | None = None) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature if temperature is None else temperature, top_p=self.top_p,
+                              top_k=self.top_k, max_new_tokens=self.max_new_tokens, stop=tuple(self.stop), seed=seed)
