@@ -12,12 +12,16 @@ include kernels/kernels.mk
 
 SGLANG_VENV ?= .venv-sglang
 SGLANG_STAMP := $(SGLANG_VENV)/.installed
+# A real MLflow tracking server for the tests, in its own environment: the full mlflow needs pyarrow<26 (the
+# trainer needs only the client, mlflow-skinny)
+MLFLOW_VENV ?= .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 
-.PHONY: help install sglang-env test test-kernels-native kernels bench demo clean
+.PHONY: help install sglang-env mlflow-server-env test test-kernels-native kernels bench demo clean
 
 help:
 	@echo "make install  create $(VENV) and install megatron_sapo with the pinned CI versions"
-	@echo "make demo     the main job (until the trainer lands: the loss library's Figure 1 and gate table)"
+	@echo "make demo     the main job: SAPO RL of a tiny MoE on CPU (recipes/tiny_cpu.yaml), tracked in local MLflow"
 	@echo "make test     install, build the host kernels, then run the test suite"
 	@echo "make sglang-env  the SGLang server's own environment ($(SGLANG_VENV)), used by the rollout tests"
 	@echo "make kernels  build kernels/build/libsapo_kernels_{host,cuda}.so (the CUDA one needs nvcc)"
@@ -40,11 +44,19 @@ $(SGLANG_STAMP): requirements/sglang-cpu.txt
 
 sglang-env: $(SGLANG_STAMP)
 
+$(MLFLOW_STAMP): requirements/mlflow-server.txt
+	test -x $(MLFLOW_VENV)/bin/python || $(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install --quiet -r requirements/mlflow-server.txt
+	touch $(MLFLOW_STAMP)
+
+mlflow-server-env: $(MLFLOW_STAMP)
+
 kernels: kernels-build
 
 # The test suite runs the CUDA source through its host build, so it needs that library (not nvcc).
-test: $(STAMP) $(KERNEL_HOST_LIB) $(SGLANG_STAMP)
-	SAPO_REQUIRE_KERNELS=1 SAPO_SGLANG_PYTHON=$(SGLANG_VENV)/bin/python $(PY) -m pytest tests
+test: $(STAMP) $(KERNEL_HOST_LIB) $(SGLANG_STAMP) $(MLFLOW_STAMP)
+	SAPO_REQUIRE_KERNELS=1 SAPO_SGLANG_PYTHON=$(SGLANG_VENV)/bin/python SAPO_MLFLOW_PYTHON=$(MLFLOW_VENV)/bin/python \
+		$(PY) -m pytest tests
 
 test-kernels-native:
 	bash kernels/tests_host/run.sh
@@ -55,9 +67,17 @@ bench: $(STAMP) $(SGLANG_STAMP)
 	$(PY) tools/bench_train_step.py
 	$(PY) tools/bench_rollout.py
 
-demo: $(STAMP)
-	$(VENV)/bin/megatron-sapo info
-	$(PY) tools/plot_sapo_gate.py --out $(OUT)/sapo_gate.png
+# The demo's inputs (recipes/tiny_cpu.yaml reads them from outputs/demo): a tiny Qwen3-MoE after a short supervised
+# warm start, and sort-digits prompt files. Each `make demo` then trains from scratch into outputs/demo/run.
+DEMO := outputs/demo
+
+$(DEMO)/model/config.json: $(STAMP) tools/prepare_demo.py tools/tiny_models.py
+	$(PY) tools/prepare_demo.py $(DEMO)
+
+demo: $(STAMP) $(DEMO)/model/config.json
+	rm -rf $(DEMO)/run
+	$(VENV)/bin/megatron-sapo train recipes/tiny_cpu.yaml
+	$(VENV)/bin/megatron-sapo plot $(DEMO)/run
 
 clean:
-	rm -rf $(VENV) $(SGLANG_VENV) build *.egg-info $(OUT) $(KERNEL_BUILD)
+	rm -rf $(VENV) $(SGLANG_VENV) $(MLFLOW_VENV) build *.egg-info $(OUT) $(KERNEL_BUILD)

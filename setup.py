@@ -23,6 +23,11 @@ setup(
         # 0.16.1 is the newest release for Python 3.11; clusters on Python 3.12+ may take newer ones.
         "megatron-core>=0.16.1,<0.20",
         "math-verify>=0.9,<1",  # symbolic answer equivalence of the math reward (parse / verify without timeouts)
+        # MLflow tracking needs only the client; sqlalchemy + alembic are its embedded sqlite store. A tracking server
+        # is a separate install of the full `mlflow` (requirements/mlflow-server.txt), whose pyarrow<26 would clash.
+        "mlflow-skinny>=3.1,<4",
+        "sqlalchemy>=1.4,<3",
+        "alembic>=1.11,<2",
         "numpy>=1.24",
         "packaging",
         "psutil",  # megatron-core's dist_checkpointing needs it without declaring it

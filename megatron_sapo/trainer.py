@@ -7,7 +7,7 @@ Who does what under torchrun / srun: every rank holds its part of the Megatron p
 old-log-prob forwards, the updates, the HF export and the checkpoint (collectives). Global rank 0 alone drives the
 rollout engine, the reward pool and MLflow, and broadcasts each step's batch (token ids, masks, advantages, the
 engine's log-probs: one broadcast_object_list) to the others. Every mini-batch is padded with empty rows to a
-multiple of data-parallel size x micro-batch size, and each data-parallel rank trains on its contiguous share.
+multiple of data-parallel size x micro-batch size, and each data-parallel rank trains on every dp-th row.
 
 The old log-probs of all mini-batches are computed before the first update, so the later updates of a rollout batch
 are off-policy: that is where SAPO's gate acts. The engine's own log-probs travel as rollout_log_probs for the
@@ -38,11 +38,12 @@ from .data import PromptSampler, fill_groups, load_prompts, render_prompt
 from .losses import compute_advantages
 from .policy import parallel
 from .policy.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .policy.hf_weights import write_hf_folder
 from .policy.policy import Policy, PolicyBatch
 from .progress import Progress
 from .rewards import RewardPool
 from .rollout.batch import RolloutBatch, collate, mini_batches
-from .tracking import Tracker
+from .tracking import Tracker, find_run_id
 
 log = logging.getLogger("megatron_sapo.trainer")
 
@@ -88,7 +89,7 @@ class Trainer:
         self.is_main = dist.get_rank() == 0
         self.progress = Progress(cfg.trainer.steps, enabled=self.is_main)
         self.stop_requested = False
-        self.engine = self.rewards = self.tracker = None
+        self.engine = self.rewards = self.tracker = self.weight_group = None
         self.step = 0
         self._say(f"loading the policy from {cfg.policy.model_path} ({dist.get_world_size()} processes)")
         self.policy = Policy(cfg.policy)
@@ -138,7 +139,9 @@ class Trainer:
             if cfg.data.eval_files else []
         self.rewards = RewardPool(cfg.rewards)
         if cfg.tracking.enabled:
-            self.tracker = Tracker(cfg.tracking, self.out, run_id=state.get("mlflow_run_id"))
+            # a resumed run continues its MLflow run, also one created after its checkpoint was written
+            run_id = state.get("mlflow_run_id") or (find_run_id(self.out) if state else None)
+            self.tracker = Tracker(cfg.tracking, self.out, run_id=run_id)
             self.tracker.log_params(flatten(to_dict(cfg)))
             self.tracker.log_artifact(self.out / "config.yaml")
 
@@ -176,13 +179,19 @@ class Trainer:
 
     # ---- the stages ---------------------------------------------------------------------------------------------
 
+    def _weights_folder(self) -> Path:
+        return self.out / "weights" / f"step_{self.step:08d}"
+
+    def _prune_weights(self) -> None:
+        for old in sorted((self.out / "weights").glob("step_*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+
     def _export(self) -> Path:
         """Write the policy's weights as versioned HF folder weights/step_XXXXXXXX (collective); keep the last two."""
-        folder = self.out / "weights" / f"step_{self.step:08d}"
+        folder = self._weights_folder()
         self.policy.export_hf(folder)
         if self.is_main:
-            for old in sorted((self.out / "weights").glob("step_*"))[:-2]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._prune_weights()
         return folder
 
     def _prompts(self, records) -> list[str]:
@@ -252,8 +261,7 @@ class Trainer:
         shards = []
         for part in mini_batches(batch, count, generator=generator):
             part = part.padded_to(dp * cfg.policy.micro_batch_size)
-            rows = part.num_rows // dp
-            shards.append(part.select(slice(dp_rank * rows, (dp_rank + 1) * rows)))
+            shards.append(part.select(slice(dp_rank, None, dp)))  # interleaved: the padding rows spread out
         old = [self.policy.log_probs(s.input_ids, temperature) for s in shards]
         results = []
         for shard, old_log_probs in zip(shards, old):
@@ -267,9 +275,42 @@ class Trainer:
         return out
 
     def _sync(self) -> None:
-        self.weights = self._export()
-        if self.is_main:
-            self.engine.update_weights(self.weights, str(self.step))
+        """Hand the updated weights to the engine under version str(step): through a versioned folder, or (SGLang,
+        rollout.sglang.weight_sync = distributed) broadcast over a process group with the servers, falling back to
+        a folder for this step when the group fails (it is formed anew at the next sync)."""
+        sc = self.cfg.rollout.sglang
+        if self.cfg.rollout.engine != "sglang" or sc.weight_sync == "disk":
+            self.weights = self._export()
+            if self.is_main:
+                self.engine.update_weights(self.weights, str(self.step))
+            return
+        state = self.policy.hf_state_dict()  # collective; the full tensors on rank 0
+        if not self.is_main:
+            return
+        from .rollout.sglang import SGLangError
+
+        try:
+            if self.weight_group is None:
+                self.weight_group = self._weight_group()
+            self.weight_group.update(state.items(), str(self.step))
+            return
+        except SGLangError as err:
+            self._say(f"distributed weight sync failed ({err}); syncing through a folder this step")
+            if self.weight_group is not None:
+                self.weight_group.close()
+                self.weight_group = None
+        self.weights = self._weights_folder()
+        write_hf_folder(state, self.weights, self.cfg.policy.model_path)
+        self._prune_weights()
+        self.engine.update_weights(self.weights, str(self.step))
+
+    def _weight_group(self):
+        from .rollout.weight_sync import WeightUpdateGroup
+
+        sc = self.cfg.rollout.sglang
+        return WeightUpdateGroup(self.engine.urls, master_address=sc.master_address or os.environ.get(
+            "MASTER_ADDR", "127.0.0.1"), backend="nccl" if torch.cuda.is_available() else "gloo",
+            bucket_bytes=sc.bucket_mb << 20, reference_dir=self.weights)
 
     def evaluate(self) -> dict[str, float]:
         """Rank 0: pass@1 and mean reward on the held-out prompts under the current weights; a sample of the
@@ -383,32 +424,51 @@ class Trainer:
 
     def close(self, status: str = "FINISHED") -> None:
         self.progress.close()
+        if self.weight_group is not None:
+            self.weight_group.close()
+            self.weight_group = None
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
         if self.rewards is not None:
             self.rewards.close()
             self.rewards = None
+        if self.is_main and status == "FINISHED" and (self.out / "metrics.jsonl").is_file():
+            history = self._history()
+            self._summary(history)
+            if self.tracker is not None:
+                self._log_plots(history)
         if self.tracker is not None:
-            if status == "FINISHED":
-                self._log_plots()
             self.tracker.close(status)
             self.tracker = None
 
-    def _log_plots(self) -> None:
-        try:
-            from .plots import plot_history
-        except ImportError as err:
-            log.warning("no training plots: %s", err)
-            return
-        by_step: dict[str, dict[int, float]] = {}  # a step redone after a resume keeps its last value
+    def _history(self) -> dict[str, list[tuple[int, float]]]:
+        """Every metric's (step, value) series from metrics.jsonl; a step redone after a resume keeps its last value."""
+        by_step: dict[str, dict[int, float]] = {}
         with (self.out / "metrics.jsonl").open() as f:
             for line in f:
                 row = json.loads(line)
                 for key, value in row.items():
                     if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                         by_step.setdefault(key, {})[row["step"]] = float(value)
-        history = {key: sorted(values.items()) for key, values in by_step.items()}
+        return {key: sorted(values.items()) for key, values in by_step.items()}
+
+    def _summary(self, history) -> None:
+        rewards = [v for _, v in history.get("reward/mean", [])]
+        if len(rewards) >= 2:
+            k = min(5, len(rewards) // 2)
+            first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+            self._say(f"reward/mean: first {k} steps {first:.3f}, last {k} steps {last:.3f} ({last - first:+.3f})")
+        passes = history.get("eval/pass_at_1", [])
+        if len(passes) >= 2:
+            self._say(f"eval pass@1: step {passes[0][0]} {passes[0][1]:.3f}, step {passes[-1][0]} {passes[-1][1]:.3f}")
+
+    def _log_plots(self, history) -> None:
+        try:
+            from .plots import plot_history
+        except ImportError as err:
+            log.warning("no training plots: %s", err)
+            return
         try:
             paths = plot_history(history, self.out / "plots")
         except (ImportError, ValueError) as err:

@@ -280,32 +280,38 @@ def gather_hf_state_dict(model, arch: HFArchitecture) -> dict[str, torch.Tensor]
     return state
 
 
-def export_hf(model, arch: HFArchitecture, out_dir: str | Path, source_dir: str | Path) -> None:
-    """Write the model as a HF folder that transformers and SGLang load: model.safetensors plus config and tokenizer
-    files carried over from `source_dir`. Collective (every rank calls it); rank 0 writes into a temporary folder
-    beside `out_dir` and renames it into place, so a crash never leaves a half-written folder behind."""
+def write_hf_folder(state: dict[str, torch.Tensor], out_dir: str | Path, source_dir: str | Path) -> None:
+    """Write HF-named tensors as a HF folder that transformers and SGLang load: model.safetensors plus config and
+    tokenizer files carried over from `source_dir`. Into a temporary folder beside `out_dir`, renamed into place, so
+    a crash never leaves a half-written folder behind. Not collective."""
     import os
     import shutil
 
-    import torch.distributed as dist
     from safetensors.torch import save_file
+
+    out_dir, source_dir = Path(out_dir), Path(source_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for name in CARRIED_FILES:
+        if (source_dir / name).is_file():
+            shutil.copy2(source_dir / name, tmp / name)
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_hf(model, arch: HFArchitecture, out_dir: str | Path, source_dir: str | Path) -> None:
+    """Gather the model's full tensors on rank 0 and write them there as a HF folder (write_hf_folder). Collective:
+    every rank calls it."""
+    import torch.distributed as dist
 
     state = gather_hf_state_dict(model, arch)
     if state is not None:
-        out_dir, source_dir = Path(out_dir), Path(source_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        for name in CARRIED_FILES:
-            if (source_dir / name).is_file():
-                shutil.copy2(source_dir / name, tmp / name)
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        write_hf_folder(state, out_dir, source_dir)
     if dist.get_world_size() > 1:
         dist.barrier()

@@ -21,7 +21,7 @@ from ..ops import fused_linear_logprobs, fused_linear_policy_loss
 from . import cpu_compat, parallel
 from .config import PolicyConfig
 from .hf_config import read_hf_config
-from .hf_weights import export_hf, load_hf_weights
+from .hf_weights import export_hf, gather_hf_state_dict, load_hf_weights
 from .model import build_model, padded_vocab_size
 
 
@@ -275,6 +275,7 @@ class Policy:
         metrics = None
         if self.last_stage:
             metrics = _merge_metrics(collected)
+            metrics.setdefault("loss", 0.0)  # this rank's rows held no response token
             step_loss = torch.tensor([metrics["loss"]], device=self.device)  # this rank's share of the loss
             dist.all_reduce(step_loss, group=ps.get_data_parallel_group())
             metrics["loss"] = step_loss.item()
@@ -336,6 +337,10 @@ class Policy:
     def export_hf(self, out_dir) -> None:
         """Write the current weights as a HF folder (collective; rank 0 writes, atomically)."""
         export_hf(self.module, self.arch, out_dir, self.cfg.model_path)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The current weights as full HF-named tensors on global rank 0 (None elsewhere); collective."""
+        return gather_hf_state_dict(self.module, self.arch)
 
 
 def _merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:

@@ -13,6 +13,7 @@ from ..losses.config import check_choice
 from .engine import SamplingParams
 
 ENGINES = ("embedded", "sglang")
+WEIGHT_SYNCS = ("disk", "distributed")
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,16 @@ class SGLangConfig:
     concurrency: int = 64  # requests in flight over all servers
     retries: int = 3
     startup_timeout_s: float = 600.0
+    # "disk": export a versioned HF folder, servers reload it (needs a filesystem both sides see);
+    # "distributed": broadcast the tensors over a process group with the servers (NCCL on GPUs, gloo on CPU)
+    weight_sync: str = "disk"
+    bucket_mb: int = 512  # distributed sync: bytes per broadcast
+    master_address: str | None = None  # distributed sync: this host's address as the servers reach it;
+    #                                    None: $MASTER_ADDR, else 127.0.0.1
 
     def __post_init__(self) -> None:
-        for name in ("num_servers", "concurrency"):
+        check_choice("rollout.sglang.weight_sync", self.weight_sync, WEIGHT_SYNCS)
+        for name in ("num_servers", "concurrency", "bucket_mb"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"rollout.sglang.{name} must be an integer >= 1, got {value!r}")

@@ -1,12 +1,12 @@
 """The SGLang rollout engine: SGLang servers started as subprocesses (local) or attached by URL (cluster), spoken to
-over HTTP. The only place that knows SGLang's API.
+over HTTP. The only place that knows SGLang's API, with weight_sync.py (weights broadcast over a process group).
 
 - Prompts are tokenised here and sent as input_ids, so the completion's prompt ids are exact; each of the n samples
   of a prompt is its own request, spread round-robin over the servers by a bounded thread pool.
 - A request that fails on a dropped connection is retried on the next server; a local server whose process died is
   restarted (and waited for) and its requests re-sent, so a batch completes whatever happens to one server.
 - Weight sync: POST /update_weights_from_disk with the exported folder and a weight_version, then /flush_cache;
-  responses carry meta_info.weight_version, which the caller can check.
+  responses carry meta_info.weight_version, which the caller can check. weight_sync.py broadcasts tensors instead.
 - The server may live in its own virtual environment (its pins cannot clash with the trainer's): `python` names
   that environment's interpreter.
 """
@@ -38,20 +38,45 @@ SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "n
               "tie_word_embeddings")
 
 
-def _post(url: str, payload: dict, timeout: float) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        body = response.read().decode(errors="replace")
+def _parse(body: str) -> dict:
     try:
         return json.loads(body) if body.strip() else {}
     except json.JSONDecodeError:  # some endpoints (/flush_cache) answer in plain text
         return {"text": body}
 
 
+def _post(url: str, payload: dict, timeout: float) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return _parse(response.read().decode(errors="replace"))
+
+
+def _control(url: str, endpoint: str, payload: dict, timeout: float) -> dict:
+    """POST to a control endpoint (weights, cache, update groups) of the server at `url`. SGLang answers a refusal
+    with HTTP 400 and {success: false, message}: that is an SGLangError naming the server, the endpoint and why."""
+    try:
+        result = _post(url + endpoint, payload, timeout)
+    except urllib.error.HTTPError as err:
+        result = _parse(err.read().decode(errors="replace"))
+        reason = result.get("message") or result.get("detail") or result.get("text") or f"HTTP {err.code}"
+        raise SGLangError(f"{url} refused {endpoint}: {reason}") from None
+    if result.get("success") is False:
+        raise SGLangError(f"{url} refused {endpoint}: {result.get('message')}")
+    return result
+
+
 def _get(url: str, timeout: float) -> int:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.status
+
+
+def _get_json(url: str, timeout: float) -> dict:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+        raise SGLangError(f"GET {url} failed: {err}") from err
 
 
 class SGLangServer:
@@ -126,6 +151,7 @@ class SGLangEngine:
         self._lock = threading.Lock()
         self._restart_locks = [threading.Lock() for _ in self.servers]
         self.stats = {"retries": 0, "restarts": 0}
+        self.weights: tuple[str, str] | None = None  # (folder, version) of the last disk update
         for url in self.urls:
             self._check_reachable(url)
 
@@ -156,7 +182,10 @@ class SGLangEngine:
                 except SGLangError:  # it died (or hung) while we waited
                     pass
             server.stop()
-            server.start()
+            server.start()  # from the folder of the last disk update (update_weights points model_dir there)
+            if self.weights is not None:  # its responses must carry that update's version again
+                _control(server.url, "/update_weights_from_disk",
+                         {"model_path": self.weights[0], "weight_version": self.weights[1]}, self.request_timeout)
             with self._lock:
                 self.stats["restarts"] += 1
 
@@ -217,11 +246,12 @@ class SGLangEngine:
                 raise ValueError(f"{model_dir} does not fit the served model {server.model_dir}: " +
                                  ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in diff.items()))
         for url in self.urls:
-            result = _post(url + "/update_weights_from_disk", {"model_path": str(model_dir), "weight_version": version},
-                           self.request_timeout)
-            if result.get("success") is False:
-                raise SGLangError(f"{url} refused the weights in {model_dir}: {result.get('message')}")
-            _post(url + "/flush_cache", {}, 60)
+            _control(url, "/update_weights_from_disk", {"model_path": str(model_dir), "weight_version": version},
+                     self.request_timeout)
+            _control(url, "/flush_cache", {}, 60)
+        self.weights = (str(model_dir), version)
+        for server in self.servers:  # a restart loads these weights, even once older folders are deleted
+            server.model_dir = str(model_dir)
 
     def shutdown(self) -> None:
         for server in self.servers:

@@ -128,6 +128,13 @@ def _worker(rank, model_dir):
         metrics = policy.train_step(PolicyBatch(ids[rows], mask[rows], adv[rows], old_log_probs=old[rows]), LOSS)
         assert abs(metrics["loss"] - ref_loss) <= 1e-5 * abs(ref_loss) + 1e-7, (layout, metrics["loss"], ref_loss)
         assert _check_grads(policy, ref_grads) > 0, layout
+        if not layout:  # DP = 2, and the second rank's rows hold no response token: it contributes nothing
+            half = mask.clone()
+            half[2:] = False
+            half_loss, half_grads, _ = _reference_grads(model_dir, ids, half, adv, old)
+            metrics = policy.train_step(PolicyBatch(ids[rows], half[rows], adv[rows], old_log_probs=old[rows]), LOSS)
+            assert abs(metrics["loss"] - half_loss) <= 1e-5 * abs(half_loss) + 1e-7, (metrics["loss"], half_loss)
+            assert metrics["skipped"] == 0.0 and _check_grads(policy, half_grads) > 0
 
 
 @pytest.mark.multiprocess

@@ -1,11 +1,13 @@
-"""The SGLang engine against a real SGLang server on the CPU (its own environment, `make sglang-env`), with a tiny
-Qwen3-MoE built offline: returned log-probs equal the transformers forward of the same tokens; after a weight update
-responses carry the new version and match the new weights; a server killed mid-batch is restarted and the batch
-completes; unreachable servers and bad folders are clear errors."""
+"""The SGLang engine against two real SGLang servers on the CPU (their own environment, `make sglang-env`), with a
+tiny Qwen3-MoE built offline: returned log-probs equal the transformers forward of the same tokens; requests are
+spread over both servers (their own access logs say so); after a weight update, from a folder or broadcast over a
+gloo process group, responses of both carry the new version and match the new weights; a server killed mid-batch is
+restarted and the batch completes; unreachable servers, bad folders and bad tensors are clear errors."""
 
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,13 +15,16 @@ import torch
 
 from megatron_sapo.policy.parallel import free_port
 from megatron_sapo.rollout import SamplingParams
-from megatron_sapo.rollout.sglang import SGLangEngine, SGLangError, SGLangServer
+from megatron_sapo.rollout.sglang import SGLangEngine, SGLangError, SGLangServer, _control
+from megatron_sapo.rollout.weight_sync import WeightUpdateGroup
 
 from ..policy.harness import REPO, tiny_models
 
 pytestmark = pytest.mark.slow
 PYTHON = os.environ.get("SAPO_SGLANG_PYTHON", str(REPO / ".venv-sglang" / "bin" / "python"))
-CPU_ARGS = ("--device", "cpu", "--dtype", "float32", "--max-total-tokens", "16384", "--mem-fraction-static", "0.2")
+# an idle SGLang scheduler spins a core unless told to sleep: two of them would take both cores of a small machine
+CPU_ARGS = ("--device", "cpu", "--dtype", "float32", "--max-total-tokens", "16384", "--mem-fraction-static", "0.2",
+            "--sleep-on-idle")
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(REPO / "tools" / "sglang_cpu_stubs")}
 
 
@@ -40,11 +45,14 @@ def served(tmp_path_factory):
     tiny = tiny_models()
     tiny.build("qwen3_moe", root / "v0", seed=0)
     tiny.build("qwen3_moe", root / "v1", seed=1)
-    server = cpu_server(root / "v0", root / "server.log")
-    server.start()
-    engine = SGLangEngine(transformers.AutoTokenizer.from_pretrained(root / "v0"), servers=[server])
-    yield root, engine
-    engine.shutdown()
+    servers = [cpu_server(root / "v0", root / f"server{i}.log") for i in range(2)]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(SGLangServer.start, servers))
+        yield root, SGLangEngine(transformers.AutoTokenizer.from_pretrained(root / "v0"), servers=servers)
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def _teacher_forced(model_dir, c, temperature):
@@ -55,6 +63,33 @@ def _teacher_forced(model_dir, c, temperature):
         logits = model(torch.tensor([c.prompt_ids + c.output_ids])).logits[0].double() / temperature
     start = len(c.prompt_ids)
     return torch.log_softmax(logits[start - 1:-1], -1).gather(-1, torch.tensor(c.output_ids)[:, None])[:, 0]
+
+
+def _answered(engine, expected_total=None):
+    """/generate requests each server has answered so far, counted in its own access log (waiting up to 5 s for
+    `expected_total` of them to be logged)."""
+    deadline = time.monotonic() + 5
+    while True:
+        counts = [s.log_path.read_text(errors="replace").count('"POST /generate HTTP/1.1" 200') for s in engine.servers]
+        if expected_total is None or sum(counts) >= expected_total or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.1)
+
+
+def _generate_on_both(engine, prompts, n, params):
+    """The completions, after checking that both servers answered half of the requests each (round-robin)."""
+    before = _answered(engine)
+    out = [c for group in engine.generate(prompts, n, params) for c in group]
+    after = _answered(engine, sum(before) + len(out))
+    assert [a - b for a, b in zip(after, before)] == [len(out) // 2] * 2
+    return out
+
+
+def _assert_served_by(model_dir, completions, version):
+    for c in completions:
+        assert c.weight_version == version
+        torch.testing.assert_close(torch.tensor(c.output_logprobs, dtype=torch.float64),
+                                   _teacher_forced(model_dir, c, 1.0), rtol=0, atol=2e-5)
 
 
 def test_log_probs_equal_transformers_forward(served):
@@ -72,10 +107,8 @@ def test_weight_update_is_versioned_and_takes_effect(served):
     root, engine = served
     engine.update_weights(root / "v1", "step-1")
     try:
-        c = engine.generate(["3142:"], 1, SamplingParams(max_new_tokens=8, seed=2))[0][0]
-        assert c.weight_version == "step-1"
-        torch.testing.assert_close(torch.tensor(c.output_logprobs, dtype=torch.float64),
-                                   _teacher_forced(root / "v1", c, 1.0), rtol=0, atol=2e-5)
+        out = _generate_on_both(engine, ["3142:"], 2, SamplingParams(max_new_tokens=8, seed=2))
+        _assert_served_by(root / "v1", out, "step-1")
     finally:
         engine.update_weights(root / "v0", "step-0")
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder"):
@@ -86,8 +119,42 @@ def test_weight_update_is_versioned_and_takes_effect(served):
     assert engine.generate(["90:"], 1, SamplingParams(max_new_tokens=2))[0][0].weight_version == "step-0"
 
 
-def test_killed_server_is_restarted_and_the_batch_completes(served):
+def test_requests_are_spread_over_both_servers(served):
     _, engine = served
+    out = _generate_on_both(engine, ["3142:", "90:"], 4, SamplingParams(max_new_tokens=4, seed=5))
+    assert len(out) == 8 and all(len(c.output_ids) >= 1 for c in out)
+
+
+def test_weights_broadcast_over_a_process_group_reach_both_servers(served):
+    from safetensors.torch import load_file
+
+    root, engine = served
+    v1 = load_file(str(root / "v1" / "model.safetensors"))
+    params = SamplingParams(max_new_tokens=8, seed=6)
+    with WeightUpdateGroup(engine.urls, master_address="127.0.0.1", backend="gloo", bucket_bytes=64 << 10,
+                           timeout=60) as group:
+        assert group.world_size == 3
+        group.update(v1.items(), "dist-1")  # ~0.7 MB in 64 KB buckets: a dozen broadcasts
+        _assert_served_by(root / "v1", _generate_on_both(engine, ["3142:", "90:"], 2, params), "dist-1")
+        with pytest.raises(ValueError, match="'model.bogus.weight' is not a tensor of the served model"):
+            group.update([("model.bogus.weight", torch.zeros(64))], "bad")
+        with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \[3\], the served model's is \[64\]"):
+            group.update([("model.norm.weight", torch.zeros(3))], "bad")
+        # servers that lost their membership, as a restarted one has, refuse at once; the group is then unusable
+        for url in engine.urls:
+            _control(url, "/destroy_weights_update_group", {"group_name": group.group_name}, 30)
+        with pytest.raises(SGLangError, match="refused /update_weights_from_distributed: .*init_weights_update_group"):
+            group.update(v1.items(), "dist-2")
+        with pytest.raises(SGLangError, match="is unusable"):
+            group.update(v1.items(), "dist-2")
+    _assert_served_by(root / "v1", _generate_on_both(engine, ["90:"], 2, params), "dist-1")
+    engine.update_weights(root / "v0", "step-0")  # the disk path still works afterwards
+    _assert_served_by(root / "v0", _generate_on_both(engine, ["3142:"], 2, params), "step-0")
+
+
+def test_killed_server_is_restarted_and_the_batch_completes(served):
+    root, engine = served
+    engine.update_weights(root / "v0", "step-0")
     server = engine.servers[0]
 
     def kill_soon():
@@ -97,6 +164,10 @@ def test_killed_server_is_restarted_and_the_batch_completes(served):
     out = engine.generate(["3142:"] * 8, 4, SamplingParams(max_new_tokens=64, seed=3))
     assert sum(len(g) for g in out) == 32 and all(len(c.output_ids) >= 1 for g in out for c in g)
     assert engine.stats["restarts"] >= 1 and server.alive()
+    # the restarted server serves the last update's weights under its version (not SGLang's "default")
+    again = engine.generate(["3142:"] * 4, 1, SamplingParams(max_new_tokens=2, seed=4))
+    assert {c.weight_version for g in again for c in g} == {"step-0"}
+    assert server.model_dir == str(root / "v0")
 
 
 def test_unreachable_server_and_bad_startup_are_named(served, tmp_path):

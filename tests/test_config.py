@@ -1,0 +1,88 @@
+"""The training config: YAML + dotted overrides into one dataclass per component; every mistake is a ValueError that
+names the dotted key; the recipes shipped in recipes/ all load."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_sapo.config import TrainConfig, dump_yaml, flatten, load_config, save_config, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_the_documented_keys():
+    cfg = load_config()
+    assert cfg == TrainConfig()
+    flat = flatten(to_dict(cfg))
+    for key in ("output_dir", "trainer.steps", "rollout.engine", "loss.loss_type", "policy.tensor_model_parallel_size",
+                "policy.pipeline_model_parallel_size", "policy.expert_model_parallel_size"):
+        assert key in flat
+    assert flat["rollout.engine"] == "embedded" and flat["loss.loss_type"] == "sapo"
+    assert flat["loss.tau_pos"] == 1.0 and flat["loss.tau_neg"] == 1.05 and flat["trainer.mini_batches"] == 4
+
+
+def test_yaml_then_overrides_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: /x\ntrainer: {steps: 7}\npolicy: {lr: 3e-4, model_path: m}\n"
+                    "rollout: {sglang: {urls: ['http://h:1']}}\n")
+    cfg = load_config(path, ["trainer.steps=9", "loss.loss_type=gspo", "rollout.engine=sglang",
+                             "rollout.sglang.env.A=b", 'rollout.stop=["\\n"]', "trainer.eval_temperature=null",
+                             "policy.expert_model_parallel_size=2", "trainer.steps=11"])
+    assert cfg.output_dir == "/x" and cfg.trainer.steps == 11 and cfg.policy.lr == 3e-4  # PyYAML reads 3e-4 as text
+    assert cfg.loss.loss_type == "gspo" and cfg.loss.clip_eps == (3e-4, 4e-4)
+    assert cfg.rollout.engine == "sglang" and cfg.rollout.sglang.urls == ["http://h:1"]
+    assert cfg.rollout.sglang.env == {"A": "b"} and cfg.rollout.stop == ["\n"]
+    assert cfg.policy.expert_model_parallel_size == 2 and cfg.trainer.eval_temperature is None
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["trainer.steps=3", "rewards.function_kwargs.ignore_case=true", "data.eval_files=[a]"])
+    path = save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(path) == cfg
+    assert "steps: 3" in dump_yaml(cfg) and not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.stepz=3"], "unknown key trainer.stepz; trainer has: steps, "),
+    (["nonsense=1"], "unknown key nonsense; the top level has: output_dir"),
+    (["policy.lr=abc"], "policy.lr: expected a number, got 'abc'"),
+    (["trainer.steps=2.5"], "trainer.steps: expected int, got 2.5"),
+    (["trainer.resume=maybe"], "trainer.resume: expected true or false"),
+    (["trainer=3"], "trainer: expected a mapping of TrainerConfig keys"),
+    (["loss.loss_type=foo"], "unknown loss.loss_type 'foo'; expected one of: sapo"),
+    (["loss.tau_neg=0"], "loss.tau_neg must be a finite number > 0"),
+    (["policy.tensor_model_parallel_size=0"], "policy.tensor_model_parallel_size must be an integer >= 1"),
+    (["rollout.engine=vllm"], "unknown rollout.engine 'vllm'; expected one of: embedded, sglang"),
+    (["rollout.temperature=0"], "rollout.temperature must be a finite number > 0"),
+    (["rollout.sglang.urls=[localhost:30000]"], "rollout.sglang.urls must be http(s) URLs"),
+    (["rollout.sglang.num_servers=0"], "rollout.sglang.num_servers must be an integer >= 1"),
+    (["data.prompts_per_step=0"], "data.prompts_per_step must be an integer >= 1"),
+    (["rewards.function=nope"], "rewards.function"),
+    (["trainer.advantage_estimator=ppo"], "unknown trainer.advantage_estimator 'ppo'"),
+    (["tracking.retry_interval_s=0"], "tracking.retry_interval_s"),
+    (["trainer.steps"], "not of the form dotted.key=value"),
+    (["trainer..steps=1"], "not of the form dotted.key=value"),
+    (["output_dir=/a", "output_dir.x=1"], "output_dir is not a section"),
+    (["output_dir.x=1"], "output_dir: expected a string"),
+])
+def test_mistakes_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=None) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ValueError, match="config file .*missing.yaml does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="must hold a mapping of sections, got list"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("trainer: {steps: [\n")
+    with pytest.raises(ValueError, match="is not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_recipes_load(recipe):
+    cfg = load_config(recipe)
+    assert cfg.policy.model_path and cfg.data.train_files
