@@ -26,7 +26,7 @@ help:
 	@echo "make sglang-env  the SGLang server's own environment ($(SGLANG_VENV)), used by the rollout tests"
 	@echo "make kernels  build kernels/build/libsapo_kernels_{host,cuda}.so (the CUDA one needs nvcc)"
 	@echo "make test-kernels-native  the kernels' C++ checks: host run, ThreadSanitizer, nvcc build"
-	@echo "make bench    the fused-loss and training-step benchmarks (tools/bench_*.py)"
+	@echo "make bench    the benchmarks (tools/bench_*.py): fused loss, train step, rollout, RL step vs TRL"
 
 $(STAMP): setup.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ $(STAMP): setup.py $(CONSTRAINTS)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# TRL for the side-by-side RL-step benchmark (and its test)
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
 
 # SGLang in its own environment; tools/sglang_cpu_stubs stands in for the two imports without a CPU build
 $(SGLANG_STAMP): requirements/sglang-cpu.txt
@@ -54,7 +60,7 @@ mlflow-server-env: $(MLFLOW_STAMP)
 kernels: kernels-build
 
 # The test suite runs the CUDA source through its host build, so it needs that library (not nvcc).
-test: $(STAMP) $(KERNEL_HOST_LIB) $(SGLANG_STAMP) $(MLFLOW_STAMP)
+test: $(STAMP) $(BENCH_STAMP) $(KERNEL_HOST_LIB) $(SGLANG_STAMP) $(MLFLOW_STAMP)
 	SAPO_REQUIRE_KERNELS=1 SAPO_SGLANG_PYTHON=$(SGLANG_VENV)/bin/python SAPO_MLFLOW_PYTHON=$(MLFLOW_VENV)/bin/python \
 		$(PY) -m pytest tests
 
@@ -62,10 +68,11 @@ test-kernels-native:
 	bash kernels/tests_host/run.sh
 	bash kernels/tests_host/run_sapo_kernels.sh
 
-bench: $(STAMP) $(SGLANG_STAMP)
+bench: $(BENCH_STAMP) $(SGLANG_STAMP)
 	$(PY) tools/bench_fused_loss.py --with-megatron
 	$(PY) tools/bench_train_step.py
 	$(PY) tools/bench_rollout.py
+	$(PY) tools/bench_rl_step.py
 
 # The demo's inputs (recipes/tiny_cpu.yaml reads them from outputs/demo): a tiny Qwen3-MoE after a short supervised
 # warm start, and sort-digits prompt files. Each `make demo` then trains from scratch into outputs/demo/run.

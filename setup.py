@@ -41,6 +41,7 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.0"],
         "plot": ["matplotlib>=3.8"],
         "dev": ["pytest>=8", "matplotlib>=3.8"],
+        "bench": ["trl>=1.16,<2"],  # tools/bench_rl_step.py: TRL's GRPOTrainer(loss_type="sapo") side by side
     },
     entry_points={"console_scripts": ["megatron-sapo=megatron_sapo.cli:main"]},
     classifiers=[
