@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,3 +24,21 @@ def test_console_script_help_and_info():
     assert run.returncode == 0 and "info" in run.stdout and "gate" in run.stdout
     run = subprocess.run([sys.executable, "-m", "megatron_sapo.cli", "info"], capture_output=True, text=True)
     assert run.returncode == 0 and "megatron-core" in run.stdout and "0.1.0" in run.stdout
+
+
+def test_train_and_plot_help_and_errors(tmp_path, capsys):
+    run = subprocess.run([sys.executable, "-m", "megatron_sapo.cli", "--help"], capture_output=True, text=True)
+    assert "train" in run.stdout and "plot" in run.stdout
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "KEY=VALUE" in out and "torchrun" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(tmp_path / "none.yaml")])
+    assert exc.value.code == 2 and "none.yaml does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(Path(__file__).parents[1] / "recipes" / "tiny_cpu.yaml"), f"policy.model_path={tmp_path}"])
+    assert exc.value.code == 2 and "is not a Hugging Face model folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["plot", str(tmp_path)])
+    assert exc.value.code == 2 and "holds no MLflow run id" in capsys.readouterr().err

@@ -136,3 +136,38 @@ def test_two_processes_with_expert_parallelism(demo, tmp_path):
     assert sorted(m.step for m in history) == [1, 2]  # rank 0 alone logs
     assert manifest(out / "checkpoints" / "step_00000002")["world_size"] == 2
     assert all(v == 0 for _, v in steps_of(client, run, "train/skipped_updates"))
+
+
+def test_tracking_server_down_during_a_run_loses_no_metrics(demo, tmp_path):
+    """The tracking server is down for a whole run: training finishes anyway, and the metrics it could not send are
+    sent by the resumed run once the server is up, into the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from .test_tracking import SERVER_PYTHON as MLFLOW_PYTHON
+    from .test_tracking import MlflowServer
+
+    if not Path(MLFLOW_PYTHON).exists():
+        if os.environ.get("SAPO_MLFLOW_PYTHON"):
+            pytest.fail(f"MLflow server environment missing: {MLFLOW_PYTHON}")
+        pytest.skip("MLflow server environment not installed (make mlflow-server-env)")
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")  # not started yet: its port refuses connections
+    out = tmp_path / "run"
+    env = {"MLFLOW_TRACKING_URI": server.url}
+    log = train(demo, out, "trainer.steps=2", "trainer.eval_every=0", "tracking.retry_interval_s=1", env=env)
+    assert "step 2/2" in log and "unreachable" in log
+    assert (out / "mlflow" / "pending.jsonl").is_file()
+    server.start()
+    try:
+        log = train(demo, out, "trainer.steps=4", "trainer.eval_every=0", "tracking.retry_interval_s=1", env=env)
+        assert "resuming from" in log
+        client = MlflowClient(server.url)
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        expected = [(row["step"], row["reward/mean"]) for row in logged]
+        assert [s for s, _ in expected] == [1, 2, 3, 4]
+        history = client.get_metric_history(runs[0].info.run_id, "reward/mean")
+        assert sorted((m.step, m.value) for m in history) == expected  # each step once, the values as trained
+    finally:
+        server.kill()
