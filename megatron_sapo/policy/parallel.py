@@ -46,16 +46,19 @@ def init_distributed() -> None:
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
         os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
         os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))  # the GPU of a task on its node
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if os.environ["WORLD_SIZE"] != "1":
-            raise RuntimeError("MASTER_PORT is not set for a multi-process run (torchrun and srun recipes set it)")
-        os.environ["MASTER_PORT"] = str(free_port())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT is not set for a multi-process run (torchrun and srun recipes set it)")
+        # a world of one needs no rendezvous: an in-memory store, so no port can be taken by another process
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group(backend)
 
 
