@@ -17,13 +17,21 @@ SGLANG_STAMP := $(SGLANG_VENV)/.installed
 MLFLOW_VENV ?= .venv-mlflow
 MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 
-.PHONY: help install sglang-env mlflow-server-env test test-kernels-native kernels bench demo clean
+# Slurm 22.05, munge and shellcheck from Debian 12 for tests/test_slurm.py: a real one-node cluster on this machine
+# (tools/slurm_cluster.sh) runs the sbatch recipes. Installs as root (or through sudo) unless already there.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge shellcheck
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: help install sglang-env mlflow-server-env slurm-env test test-slurm test-kernels-native kernels bench demo \
+	clean
 
 help:
 	@echo "make install  create $(VENV) and install megatron_sapo with the pinned CI versions"
 	@echo "make demo     the main job: SAPO RL of a tiny MoE on CPU (recipes/tiny_cpu.yaml), tracked in local MLflow"
 	@echo "make test     install, build the host kernels, then run the test suite"
 	@echo "make sglang-env  the SGLang server's own environment ($(SGLANG_VENV)), used by the rollout tests"
+	@echo "make slurm-env   Slurm, munge and shellcheck from Debian (apt-get), used by the Slurm tests"
+	@echo "make test-slurm  the sbatch recipes on a local one-node Slurm cluster (tests/test_slurm.py)"
 	@echo "make kernels  build kernels/build/libsapo_kernels_{host,cuda}.so (the CUDA one needs nvcc)"
 	@echo "make test-kernels-native  the kernels' C++ checks: host run, ThreadSanitizer, nvcc build"
 	@echo "make bench    the benchmarks (tools/bench_*.py): fused loss, train step, rollout, RL step vs TRL"
@@ -57,12 +65,19 @@ $(MLFLOW_STAMP): requirements/mlflow-server.txt
 
 mlflow-server-env: $(MLFLOW_STAMP)
 
+slurm-env:
+	@dpkg -s $(SLURM_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(SLURM_PACKAGES); }
+
 kernels: kernels-build
 
 # The test suite runs the CUDA source through its host build, so it needs that library (not nvcc).
-test: $(STAMP) $(BENCH_STAMP) $(KERNEL_HOST_LIB) $(SGLANG_STAMP) $(MLFLOW_STAMP)
-	SAPO_REQUIRE_KERNELS=1 SAPO_SGLANG_PYTHON=$(SGLANG_VENV)/bin/python SAPO_MLFLOW_PYTHON=$(MLFLOW_VENV)/bin/python \
-		$(PY) -m pytest tests
+test: $(STAMP) $(BENCH_STAMP) $(KERNEL_HOST_LIB) $(SGLANG_STAMP) $(MLFLOW_STAMP) slurm-env
+	SAPO_REQUIRE_KERNELS=1 SAPO_REQUIRE_SLURM=1 SAPO_SGLANG_PYTHON=$(SGLANG_VENV)/bin/python \
+		SAPO_MLFLOW_PYTHON=$(MLFLOW_VENV)/bin/python $(PY) -m pytest tests
+
+test-slurm: $(STAMP) slurm-env
+	SAPO_REQUIRE_SLURM=1 $(PY) -m pytest tests/test_slurm.py
 
 test-kernels-native:
 	bash kernels/tests_host/run.sh

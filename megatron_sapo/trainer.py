@@ -43,6 +43,7 @@ from .policy.policy import Policy, PolicyBatch
 from .progress import Progress
 from .rewards import RewardPool
 from .rollout.batch import RolloutBatch, collate, mini_batches
+from .signals import shielded_children
 from .tracking import Tracker, find_run_id
 
 log = logging.getLogger("megatron_sapo.trainer")
@@ -91,12 +92,12 @@ class Trainer:
         self.stop_requested = False
         self.engine = self.rewards = self.tracker = self.weight_group = None
         self.step = 0
+        self._signals()  # before the slow start-up: a stop request then ends the run before its first step
         self._say(f"loading the policy from {cfg.policy.model_path} ({dist.get_world_size()} processes)")
         self.policy = Policy(cfg.policy)
         state = self._resume()
         if self.is_main:
             self._setup_main(state)
-        self._signals()
         self.weights = self._export()
         if self.is_main:
             self.engine = self._start_engine(self.weights)
@@ -336,7 +337,8 @@ class Trainer:
         if self.is_main:
             extra = {"trainer_step": self.step, "sampler": self.sampler.state_dict(),
                      "mlflow_run_id": self.tracker.run_id if self.tracker else None}
-        path = save_checkpoint(self.policy, self.out / "checkpoints", extra, number=self.step)
+        with shielded_children():  # Megatron's writer starts processes, one of them kept for later saves
+            path = save_checkpoint(self.policy, self.out / "checkpoints", extra, number=self.step)
         if self.is_main:
             for old in sorted((self.out / "checkpoints").glob("step_*"))[:-self.cfg.trainer.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -392,6 +394,10 @@ class Trainer:
             self.close()
             return self.step
         self.progress.restart(self.step)
+        if self._stop_agreed():  # asked to stop while starting up: nothing new to save
+            self._say(f"stopped before step {self.step + 1} on request; resume with the same command")
+            self.close("KILLED")
+            return self.step
         if self.is_main and tc.eval_every and self.step == 0:
             self._log(self.evaluate())
         status = "FINISHED"

@@ -1,7 +1,9 @@
 """Test-wide settings: one intra-op thread (gloo and the 2-core CI machines are far faster that way) and GPU
 tests skipped where no GPU exists."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -9,6 +11,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The CPU demo's inputs (tools/prepare_demo.py), smaller prompt files: a warm-started tiny MoE + sort-digits."""
+    spec = importlib.util.spec_from_file_location("prepare_demo", REPO / "tools" / "prepare_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.prepare(tmp_path_factory.mktemp("demo"), train_size=2000, eval_size=16)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,7 +3,6 @@ batch with the embedded engine, with a real SGLang server, and on two processes 
 is checked through what it leaves behind: the MLflow run (read with MLflow's own client), the checkpoints, the
 exported weights, the sample completions (whose rewards are recomputed here from the task's definition)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,14 +16,6 @@ CLI = str(Path(sys.executable).with_name("megatron-sapo"))
 SGLANG_PYTHON = os.environ.get("SAPO_SGLANG_PYTHON", str(REPO / ".venv-sglang" / "bin" / "python"))
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("prepare_demo", REPO / "tools" / "prepare_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.prepare(tmp_path_factory.mktemp("demo"), train_size=2000, eval_size=16)
 
 
 def train(demo: Path, out: Path, *overrides: str, launcher=(), env=None, timeout=600):

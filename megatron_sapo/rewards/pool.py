@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
+from ..signals import SHIELDED, shielded_children
 from .config import RewardConfig
 from .registry import resolve_reward
 
@@ -83,8 +84,11 @@ def _call_reward(function, completion: str, answer: str, kwargs: dict) -> tuple[
 
 
 def _worker_main(conn, function_name: str, function_kwargs: dict) -> None:
-    # Ctrl-C reaches the whole process group; the parent decides what it means.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches the whole process group, and Slurm signals every process of a job step: the parent decides
+    # what they mean (megatron_sapo.signals)
+    for sig in SHIELDED:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SHIELDED)
     try:
         function = resolve_reward(function_name)
     except BaseException as exc:
@@ -113,7 +117,8 @@ class _Worker:
             name="reward-worker",
             daemon=True,
         )
-        self.process.start()
+        with shielded_children():  # until the worker ignores them
+            self.process.start()
         child_conn.close()
         self.ready = False
         self.startup_deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -3,6 +3,8 @@
 One 2-worker pool (module scope) serves most tests: each spawned worker costs ~0.2 s to start (the math
 reward's ~0.8 s)."""
 
+import os
+import signal
 import time
 
 import pytest
@@ -82,6 +84,19 @@ def test_pool_keeps_working_when_every_worker_hangs_or_dies(pool):
     assert "sample 2: worker died (exit code 7)" in stats.errors
     rewards, stats = pool.score(echo(range(10)))
     assert rewards == [float(v) for v in range(10)] and stats.ok == 10
+
+
+def test_workers_ignore_the_signals_meant_for_the_parent(pool):
+    """Slurm signals every process of a job step (SIGUSR1 before the time limit, SIGTERM on scancel) and Ctrl-C
+    reaches the process group: the trainer decides what they mean, the workers carry on."""
+    pool.score(echo(range(4)))
+    for worker in pool._workers:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            os.kill(worker.process.pid, sig)
+    time.sleep(0.2)
+    rewards, stats = pool.score(echo(range(10)))
+    assert rewards == [float(v) for v in range(10)] and (stats.ok, stats.crashed) == (10, 0)
+    assert all(worker.process.is_alive() for worker in pool._workers)
 
 
 def test_bad_samples_are_value_errors_and_leave_the_pool_open(pool):
