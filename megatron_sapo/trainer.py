@@ -96,11 +96,15 @@ class Trainer:
         self._say(f"loading the policy from {cfg.policy.model_path} ({dist.get_world_size()} processes)")
         self.policy = Policy(cfg.policy)
         state = self._resume()
-        if self.is_main:
-            self._setup_main(state)
-        self.weights = self._export()
-        if self.is_main:
-            self.engine = self._start_engine(self.weights)
+        try:
+            if self.is_main:
+                self._setup_main(state)
+            self.weights = self._export()
+            if self.is_main:
+                self.engine = self._start_engine(self.weights)
+        except BaseException:  # no orphaned reward workers or SGLang servers; the MLflow run marked FAILED
+            self.close("FAILED")
+            raise
 
     # ---- set-up -------------------------------------------------------------------------------------------------
 
@@ -166,16 +170,21 @@ class Trainer:
         sc = rc.sglang
         python = sc.python or os.environ.get("SAPO_SGLANG_PYTHON") or sys.executable
         servers = []
-        if not sc.urls:
-            for i in range(sc.num_servers):
-                server = SGLangServer(weights, free_port(), python=python, log_path=self.out / "logs" / f"sglang_{i}.log",
-                                      extra_args=tuple(sc.args), env=sc.env, startup_timeout=sc.startup_timeout_s)
+        try:
+            for i in range(0 if sc.urls else sc.num_servers):
+                server = SGLangServer(weights, free_port(), python=python,
+                                      log_path=self.out / "logs" / f"sglang_{i}.log", extra_args=tuple(sc.args),
+                                      env=sc.env, startup_timeout=sc.startup_timeout_s)
                 self._say(f"starting SGLang server {i} on port {server.port} (log: {server.log_path})")
-                server.start()
                 servers.append(server)
-        engine = SGLangEngine(self.tokenizer, servers=servers, urls=sc.urls, concurrency=sc.concurrency,
-                              retries=sc.retries)
-        engine.update_weights(weights, version)  # tags responses with our version (and loads ours on attached servers)
+                server.start()
+            engine = SGLangEngine(self.tokenizer, servers=servers, urls=sc.urls, concurrency=sc.concurrency,
+                                  retries=sc.retries)
+            engine.update_weights(weights, version)  # tags responses with our version (loads ours on attached servers)
+        except BaseException:
+            for server in servers:
+                server.stop()
+            raise
         return engine
 
     # ---- the stages ---------------------------------------------------------------------------------------------

@@ -84,6 +84,9 @@ sapo_train() {  # SRUN_ARGUMENTS... COMMAND...: srun the training, passing SIGUS
         echo "SIG$SAPO_STOP_SIGNAL came before the training started: not starting it"
         return 0
     fi
+    # each task takes its rank from SLURM_PROCID: a RANK / WORLD_SIZE / LOCAL_RANK inherited from the submitting
+    # shell (e.g. one inside another distributed job) would make every task rank 0 of a world of one
+    unset RANK WORLD_SIZE LOCAL_RANK
     srun "$@" &
     SAPO_TRAIN_PID=$!
     local status

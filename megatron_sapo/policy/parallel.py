@@ -40,25 +40,27 @@ def spawn_local(fn, nprocs: int, *args) -> None:
 
 
 def init_distributed() -> None:
-    """Join the process group from the torchrun/srun environment (a world of one when there is none)."""
+    """Join the process group from the torchrun/srun environment (a world of one when there is none). A world of one
+    leaves os.environ as it was: a RANK set here would be inherited by every process this one starts (an srun of
+    another job included) and make each of them rank 0."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
-        os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
-        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))  # the GPU of a task on its node
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))  # the GPU of a task on its node
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if "MASTER_PORT" not in os.environ:
-        if os.environ["WORLD_SIZE"] != "1":
-            raise RuntimeError("MASTER_PORT is not set for a multi-process run (torchrun and srun recipes set it)")
-        # a world of one needs no rendezvous: an in-memory store, so no port can be taken by another process
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+    if env.get("WORLD_SIZE", "1") == "1" and "MASTER_PORT" not in env:
+        # no rendezvous needed: an in-memory store, so no port can be taken by another process
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        raise RuntimeError("MASTER_PORT is not set for a multi-process run (torchrun and srun recipes set it)")
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group(backend)
 
 
