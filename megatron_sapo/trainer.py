@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from .config import TrainConfig, dump_yaml, flatten, save_config, to_dict
 from .data import PromptSampler, fill_groups, load_prompts, render_prompt
-from .losses import compute_advantages
+from .losses import compute_advantages, metric_reduction, reduce_metrics
 from .policy import parallel
 from .policy.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .policy.hf_weights import write_hf_folder
@@ -65,20 +65,18 @@ def _check_inputs(cfg: TrainConfig) -> None:
             raise ValueError(f"data.{key}: no such file {missing[0]}")
 
 
-def _mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Metrics of the step's updates: min / max over updates, counts and skips summed, the rest averaged."""
-    out: dict[str, float] = {}
-    for key in dict.fromkeys(k for p in parts for k in p):  # a skipped update may lack the loss metrics
-        values = [p[key] for p in parts if key in p]
-        if key.endswith("/min"):
-            out[key] = min(values)
-        elif key.endswith("/max"):
-            out[key] = max(values)
-        elif key.startswith("count/") or key == "skipped":
-            out[key] = sum(values)
-        else:
-            out[key] = sum(values) / len(values)
-    return out
+# how the policy's own step metrics combine over the updates of an RL step (the loss library's declare theirs)
+UPDATE_REDUCTIONS = {"loss": "mean", "grad_norm": "mean", "lr": "mean", "skipped": "sum"}
+
+
+def update_reduction(key: str) -> str:
+    """The reduction over an RL step's updates of a train_step metric: declared here, in losses.METRICS, or, for
+    Megatron's MoE diagnostics (moe/*, per-update averages over the MoE layers), the mean."""
+    if key in UPDATE_REDUCTIONS:
+        return UPDATE_REDUCTIONS[key]
+    if key.startswith("moe/"):
+        return "mean"
+    return metric_reduction(key)
 
 
 class Trainer:
@@ -278,7 +276,7 @@ class Trainer:
             results.append(self.policy.train_step(
                 PolicyBatch(shard.input_ids, shard.response_mask, shard.advantages, old_log_probs=old_log_probs,
                             rollout_log_probs=shard.rollout_log_probs), cfg.loss, temperature))
-        merged = _mean_metrics(results)
+        merged = reduce_metrics(results, update_reduction)
         out = {k: v for k, v in merged.items() if k not in ("loss", "grad_norm", "lr", "skipped")}
         out.update({"train/loss": merged["loss"], "train/grad_norm": merged["grad_norm"], "train/lr": merged["lr"],
                     "train/skipped_updates": merged["skipped"]})

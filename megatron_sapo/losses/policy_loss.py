@@ -154,6 +154,7 @@ def loss_weights(
         stats["mismatch/changed_frac"] = changed
     log_w = torch.where(mask, old_log_probs - rollout_log_probs, zero)
     stats["mismatch/k3"] = torch.exp(log_w) - 1 - log_w
+    stats["mismatch/abs_diff"] = log_w.abs()
     return weights
 
 
@@ -251,6 +252,10 @@ def _metrics(cfg, log_ratio, adv, mask, token_stats) -> dict[str, float]:
         out["gate/weight_min"] = masked_token_min(weight, mask)
         out["gate/weight_below_half_frac"] = masked_fraction(weight < 0.5, mask, num_tokens)
         out["clip/frac"] = zero
+    if "mismatch/abs_diff" in token_stats:
+        abs_diff = token_stats.pop("mismatch/abs_diff")
+        out["mismatch/abs_diff_mean"] = masked_token_mean(abs_diff, mask, num_tokens)
+        out["mismatch/abs_diff_max"] = masked_token_max(abs_diff, mask)
     for key, value in token_stats.items():
         if value.dtype == torch.bool:
             out[key] = masked_fraction(value, mask, num_tokens)

@@ -1,5 +1,7 @@
-"""The naive fp32 path, for tests and as the benchmarks' baseline: full-vocab fp32 logits, log_softmax, gather.
-It holds several fp32 [tokens, vocab] tensors, which is exactly what the fused ops exist to avoid."""
+"""The naive path, for tests and as the benchmarks' baseline: full-vocab logits, log_softmax, gather. It computes
+in the input's precision but at least fp32 (bf16 / fp16 logits are upcast to fp32; float64 logits stay float64, so
+the tests' float64 reference is one), and holds several [tokens, vocab] tensors of that precision, which is exactly
+what the fused ops exist to avoid."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from ..losses import policy_loss
 
 def naive_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                    return_entropy: bool = False):
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
     logp = logp_all.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     logp = torch.where(targets >= 0, logp, 0.0)
     if not return_entropy:

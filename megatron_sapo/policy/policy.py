@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..losses import LossConfig
+from ..losses import LossConfig, metric_reduction, reduce_metrics
 from ..ops import fused_linear_logprobs, fused_linear_policy_loss
 from . import cpu_compat, parallel
 from .config import PolicyConfig
@@ -344,21 +344,6 @@ class Policy:
 
 
 def _merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Micro-batch metrics -> step metrics: counts and the (globally normalised) loss summed, min / max over parts,
-    the rest token-weighted means."""
-    if not parts:
-        return {}
-    merged = {}
-    for key in dict.fromkeys(k for p in parts for k in p):  # a skipped micro-batch reports only its NaN loss
-        present = [p for p in parts if key in p]
-        values = [p[key] for p in present]
-        if key.startswith("count/") or key == "loss":
-            merged[key] = sum(values)
-        elif key.endswith("/min"):
-            merged[key] = min(values)
-        elif key.endswith("/max"):
-            merged[key] = max(values)
-        else:
-            weights = [p.get("count/tokens", 1.0) for p in present]
-            merged[key] = sum(v * w for v, w in zip(values, weights)) / (sum(weights) or 1.0)
-    return merged
+    """Micro-batch metrics -> step metrics, each by its reduction declared in losses.METRICS; the micro-batch losses
+    are already normalised by the whole step's counts, so they add up."""
+    return reduce_metrics(parts, lambda key: "sum" if key == "loss" else metric_reduction(key))

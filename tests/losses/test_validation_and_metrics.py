@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from megatron_sapo.losses import LOSS_TYPES, METRICS, LossConfig, policy_loss, sapo_gate_weight
+from megatron_sapo.losses import LOSS_TYPES, METRICS, REDUCTIONS, LossConfig, Metric, policy_loss, reduce_metrics, \
+    sapo_gate_weight
 
 from .batches import ragged_batch
 
@@ -139,3 +140,32 @@ def test_sapo_seq_gate_weight_is_that_of_the_sequence_ratio():
     w = sapo_gate_weight(s, tau)[:, None].expand(mask.shape)[mask]
     assert m["gate/weight_min"] == pytest.approx(w.min().item())
     assert m["gate/weight_mean"] == pytest.approx(w.mean().item())
+
+
+def test_micro_batch_metrics_reduce_to_the_whole_batch_metrics():
+    """Split a batch in two row parts: reducing the parts' metrics by their declared reductions gives the whole
+    batch's metrics (the smallest gate weight is the smaller of the two, not their mean; counts add up; token and
+    sequence means are weighted by the parts' counts)."""
+    lp, old, adv, mask = ragged_batch(44, spread=0.8, pad=0.0)
+    rollout = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1), dtype=old.dtype)
+    options = dict(loss_type="sapo", loss_agg_mode="seq-mean-token-mean", rollout_log_probs=rollout)
+    _, whole = policy_loss(lp, old, adv, mask, **options)
+    parts = [policy_loss(lp[rows], old[rows], adv[rows], mask[rows], rollout_log_probs=rollout[rows],
+                         loss_type="sapo", loss_agg_mode="seq-mean-token-mean")[1] for rows in (slice(0, 1),
+                                                                                                 slice(1, None))]
+    assert parts[0]["gate/weight_min"] != parts[1]["gate/weight_min"]
+    merged = reduce_metrics(parts)
+    assert merged.keys() == whole.keys()
+    for key in whole:
+        assert merged[key] == pytest.approx(whole[key], rel=1e-9, abs=1e-12), key
+    assert whole["mismatch/abs_diff_max"] == pytest.approx((old - rollout).abs()[mask].max().item())
+    assert whole["mismatch/abs_diff_mean"] == pytest.approx((old - rollout).abs()[mask].mean().item())
+
+
+def test_every_metric_declares_its_reduction():
+    assert all(m.reduce in REDUCTIONS for m in METRICS.values())
+    assert {k for k, m in METRICS.items() if m.reduce == "min"} == {"ratio/min", "gate/weight_min"}
+    with pytest.raises(KeyError, match="'train/bogus' declares no reduction"):
+        reduce_metrics([{"train/bogus": 1.0}])
+    with pytest.raises(ValueError, match="unknown reduction 'median'"):
+        Metric("median", "")

@@ -172,3 +172,17 @@ def test_fused_linear_logprobs_matches_naive(implementation):
     ref = torch.log_softmax((h.double() @ w.double().t()) / 0.9, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     torch.testing.assert_close(logp.double(), torch.where(mask, ref, 0.0), rtol=1e-6, atol=1e-5)
     assert not logp.requires_grad
+
+
+def test_naive_reference_keeps_float64_and_upcasts_bf16():
+    """The tests' reference is float64 when given float64 logits (it once cast to fp32 and was called float64): on
+    logits whose log-softmax fp32 cannot resolve, it agrees with a hand float64 log-sum-exp to 1e-12."""
+    from megatron_sapo.ops.reference import naive_logprobs
+
+    logits = torch.tensor([[30.0, 30.0 + 1e-9, -5.0, 12.345678901234]], dtype=torch.float64)
+    targets = torch.tensor([1])
+    logp = naive_logprobs(logits, targets)
+    expected = logits[0, 1] - (logits[0] - logits[0].max()).exp().sum().log() - logits[0].max()
+    assert logp.dtype == torch.float64 and abs(logp.item() - expected.item()) < 1e-12
+    assert abs(naive_logprobs(logits.float(), targets).item() - expected.item()) > 1e-10  # fp32 cannot
+    assert naive_logprobs(logits.bfloat16(), targets).dtype == torch.float32

@@ -63,11 +63,25 @@ def test_seeded_sampling_repeats_and_top_k_one_is_greedy(models):
 
 
 def test_stop_string_ends_a_completion(models):
+    """Exact: a completion ends at the first stop string or at EOS, whichever comes first, and holds nothing after
+    it (no padding, no EOS after a stop string); one that met neither has max_new_tokens tokens."""
     engine = EmbeddedEngine(models / "v0")
-    out = engine.generate(["3142:"] * 4, 4, SamplingParams(max_new_tokens=40, stop=("1", "2", "3"), seed=0))
-    stopped = [c for g in out for c in g if c.finish_reason == "stop"]
-    assert stopped and all(c.text.endswith(("1", "2", "3")) or engine.tokenizer.eos_token_id in c.output_ids
-                           for c in stopped)
+    stops = ("1", "2", "3")
+    out = engine.generate(["3142:"] * 4, 4, SamplingParams(max_new_tokens=40, stop=stops, seed=0))
+    tok, eos = engine.tokenizer, engine.tokenizer.eos_token_id
+    reasons = []
+    for c in (c for g in out for c in g):
+        ids = c.output_ids
+        ends_with_stop = [k for k in range(1, len(ids) + 1) if tok.decode(ids[:k]).endswith(stops)]
+        first_end = min([k for k in range(1, len(ids) + 1) if ids[k - 1] == eos] + ends_with_stop[:1] + [len(ids)])
+        assert first_end == len(ids), (tok.decode(ids), "goes on after its end")
+        if ends_with_stop or ids[-1] == eos:
+            assert c.finish_reason == "stop" and (ids[-1] == eos) != bool(ends_with_stop), tok.decode(ids)
+            reasons.append("stop string" if ends_with_stop else "eos")
+        else:
+            assert c.finish_reason == "length" and len(ids) == 40
+        assert c.text == tok.decode(ids, skip_special_tokens=True) and len(c.output_logprobs) == len(ids)
+    assert "stop string" in reasons  # the case under test happened
 
 
 def test_weight_update_changes_version_and_log_probs(models):
