@@ -1,5 +1,10 @@
-"""Policy checkpoints: resuming reproduces the next step exactly; a checkpoint saved on one process loads under
-TP=2, EP=2 and PP=2 and gives the same next step; another model's or a damaged checkpoint is a clear error."""
+"""Policy checkpoints, checked on what they hold: after a load, the weights and Adam's moments (mapped to HF names, so
+that any layout compares with any other) equal the saved ones tensor for tensor, and Adam's step and the optimizer
+step count are the saved ones; the next off-policy step (old log-probs away from the current ones, so the loss
+depends on the weights, and an Adam update that depends on the moments) gives the saving layout's loss, gradient
+norm and updated weights. Resuming in the same layout is bit for bit; a checkpoint saved on one process loads under
+TP=2, EP=2 and PP=2, and one saved under each of those loads on one process. Another model's or a damaged checkpoint
+is a clear error."""
 
 import os
 
@@ -15,10 +20,12 @@ from megatron_sapo.policy.policy import Policy, PolicyBatch
 
 from .harness import tiny_models
 
-LOSS = LossConfig(loss_type="sapo")
+LOSS = LossConfig(loss_type="sapo", loss_agg_mode="seq-mean-token-mean")
+LAYOUTS = {"tp2": dict(tensor_model_parallel_size=2), "ep2": dict(expert_model_parallel_size=2),
+           "pp2": dict(pipeline_model_parallel_size=2)}
 
 
-def _batches(n=3):
+def _batches(n=2):
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(n):
@@ -34,27 +41,95 @@ def _config(model_dir, **layout):
                         lr_decay_steps=10, lr_decay_style="cosine", **layout)
 
 
+def _sub_optimizers(policy):
+    return list(getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]))
+
+
+@torch.no_grad()
+def observe(policy) -> dict | None:
+    """What a checkpoint must carry, independent of the layout (collective; the result on global rank 0): the
+    weights and Adam's two moments as full HF-named tensors (each moment is put in its parameter's place and
+    exported by the weight-export rules), Adam's step per parameter, the optimizer step count."""
+    params = [p for sub in _sub_optimizers(policy) for p in sub.get_parameters()]
+    states = {id(p): s.optimizer.state[p] for s in _sub_optimizers(policy) for p in s.get_parameters()}
+    out = {"weights": policy.hf_state_dict(), "step": policy.step,
+           "adam_steps": sorted({int(states[id(p)]["step"]) for p in params})}
+    for name in ("exp_avg", "exp_avg_sq"):
+        saved = [p.data for p in params]
+        for p in params:
+            p.data = states[id(p)][name]
+        try:
+            out[name] = policy.hf_state_dict()
+        finally:
+            for p, data in zip(params, saved):
+                p.data = data
+    return out
+
+
+def off_policy_step(policy, batch: PolicyBatch) -> dict:
+    """One update on `batch` (this data-parallel rank's rows) and what it gave: loss, gradient norm, and the
+    updated weights (HF names, on global rank 0)."""
+    from megatron.core import parallel_state as ps
+
+    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    rows = slice(r, None, dp)
+    metrics = policy.train_step(PolicyBatch(batch.input_ids[rows], batch.response_mask[rows],
+                                            batch.advantages[rows], old_log_probs=batch.old_log_probs[rows]), LOSS)
+    assert metrics["skipped"] == 0.0
+    return {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "after": policy.hf_state_dict()}
+
+
+def assert_same_state(got: dict, expected: dict, where: str) -> None:
+    assert got["step"] == expected["step"] and got["adam_steps"] == expected["adam_steps"], where
+    for part in ("weights", "exp_avg", "exp_avg_sq"):
+        assert got[part].keys() == expected[part].keys(), (where, part)
+        for key, tensor in expected[part].items():
+            assert torch.equal(got[part][key], tensor), (where, part, key)
+
+
+def assert_same_step(got: dict, expected: dict, where: str) -> None:
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5), where
+    assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5), where
+    for key, tensor in expected["after"].items():
+        torch.testing.assert_close(got["after"][key], tensor, rtol=0, atol=1e-6, msg=f"{where}: {key}")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A policy trained 2 steps and checkpointed; the metrics of its 3rd step."""
+    """A policy trained 2 steps and checkpointed; its state and an off-policy batch with the step it gives, saved
+    for the other processes in expected.pt."""
     root = tmp_path_factory.mktemp("ckpt")
     tiny_models().build("qwen3_moe", root / "model")
     policy = Policy(_config(root / "model"))
-    batches = _batches()
-    for batch in batches[:2]:
+    for batch in _batches():
         policy.train_step(batch, LOSS)
     save_checkpoint(policy, root / "checkpoints")
-    return root, policy.train_step(batches[2], LOSS)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (4, 12), generator=g)
+    mask = torch.zeros(4, 11, dtype=torch.bool)
+    mask[:, 3:] = True
+    mask[1, 9:] = False
+    old = policy.log_probs(ids) + 0.3 * torch.randn(4, 11, generator=g)
+    batch = PolicyBatch(ids, mask, torch.tensor([1.0, -0.7, 0.4, -1.1]), old_log_probs=old)
+    expected = {"state": observe(policy), "batch": vars(batch)}
+    expected["step"] = off_policy_step(policy, batch)
+    torch.save(expected, root / "expected.pt")
+    assert expected["step"]["after"].keys() == expected["state"]["weights"].keys()
+    moved = max((expected["step"]["after"][k] - w).abs().max().item() for k, w in expected["state"]["weights"].items())
+    assert moved > 1e-4  # the step moves weights by far more than the tolerance it is compared with
+    return root, expected
 
 
-def test_resume_reproduces_the_next_step_exactly(trained):
+def test_resume_reproduces_the_state_and_the_next_step_exactly(trained):
     root, expected = trained
     policy = Policy(_config(root / "model"))
     path = latest_checkpoint(root / "checkpoints")
     assert path.name == "step_00000002" and (root / "checkpoints" / "latest").read_text().strip() == path.name
     load_checkpoint(policy, path)
-    assert policy.step == 2
-    assert policy.train_step(_batches()[2], LOSS) == expected  # every metric, bit for bit (lr schedule included)
+    assert_same_state(observe(policy), expected["state"], "same layout")
+    step = off_policy_step(policy, PolicyBatch(**expected["batch"]))
+    assert step["loss"] == expected["step"]["loss"] and step["grad_norm"] == expected["step"]["grad_norm"]
+    assert all(torch.equal(step["after"][k], v) for k, v in expected["step"]["after"].items())  # lr schedule too
     assert policy.step == 3
 
 
@@ -92,26 +167,31 @@ def test_damaged_checkpoint_is_rejected(trained, tmp_path):
     assert latest_checkpoint(tmp_path / "nothing-here") is None
 
 
-LAYOUTS = [dict(tensor_model_parallel_size=2), dict(expert_model_parallel_size=2),
-           dict(pipeline_model_parallel_size=2)]
+def _reshard_worker(rank, root):
+    """Each 2-process layout loads the 1-process checkpoint, checks state and step against the saving layout, and
+    saves the loaded state (before its step) in its own layout for the reverse direction."""
+    import torch.distributed as dist
 
-
-def _worker(rank, root, expected_loss):
-    from megatron.core import parallel_state as ps
-
-    batch = _batches()[2]
-    for layout in LAYOUTS:
+    expected = torch.load(os.path.join(root, "expected.pt"), weights_only=False)
+    for name, layout in LAYOUTS.items():
         policy = Policy(_config(os.path.join(root, "model"), **layout))
         load_checkpoint(policy, latest_checkpoint(os.path.join(root, "checkpoints")))
-        dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        rows = slice(r * 4 // dp, (r + 1) * 4 // dp)
-        part = PolicyBatch(batch.input_ids[rows], batch.response_mask[rows], batch.advantages[rows])
-        loss = policy.train_step(part, LOSS)["loss"]
-        assert abs(loss - expected_loss) <= 1e-5 * abs(expected_loss), (layout, loss, expected_loss)
+        state = observe(policy)
+        save_checkpoint(policy, os.path.join(root, f"saved-{name}"))
+        step = off_policy_step(policy, PolicyBatch(**expected["batch"]))
+        if dist.get_rank() == 0:
+            assert_same_state(state, expected["state"], f"1 process -> {name}")
+            assert_same_step(step, expected["step"], f"1 process -> {name}")
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_checkpoint_loads_under_other_layouts(trained):
+def test_checkpoint_reshards_both_ways(trained):
     root, expected = trained
-    spawn_local(_worker, 2, str(root), expected["loss"])
+    spawn_local(_reshard_worker, 2, str(root))
+    for name in LAYOUTS:  # each 2-process layout's checkpoint back on one process
+        policy = Policy(_config(root / "model"))
+        load_checkpoint(policy, latest_checkpoint(root / f"saved-{name}"))
+        assert_same_state(observe(policy), expected["state"], f"{name} -> 1 process")
+        assert_same_step(off_policy_step(policy, PolicyBatch(**expected["batch"])), expected["step"],
+                         f"{name} -> 1 process")

@@ -1,7 +1,8 @@
 """The policy's training step computes the gradient of losses.policy_loss on the model users think it is: after one
 step (lr 0, no clipping), every Megatron gradient shard equals the float64 gradient of the same loss through the
 transformers model, mapped to Megatron's layout by the weight-conversion rules. Micro-batching, data parallel
-(global normalisation), TP, EP and PP are each checked."""
+(global normalisation), TP, EP, PP and TP + EP are each checked, for every loss type and aggregation mode that the
+recipes use, with the empty padding rows the trainer adds present in the batch."""
 
 
 import pytest
@@ -83,6 +84,24 @@ def _check_grads(policy, ref_grads):
     return checked
 
 
+# every loss type and aggregation mode the recipes use (the paper's mode, seq-mean-token-mean, is their default)
+LOSSES = [LossConfig(loss_type=t, loss_agg_mode=m) for t in ("sapo", "gspo", "grpo")
+          for m in ("seq-mean-token-mean", "token-mean")]
+
+
+def _with_padding_rows(ids, mask, adv, old, rows=2):
+    """The batch with `rows` empty rows appended, as the trainer pads a mini-batch to dp x micro_batch_size: they
+    must weigh nothing, in the token counts and in the sequence counts of the seq-mean modes alike."""
+    return (torch.cat([ids, ids[:rows]]), torch.cat([mask, torch.zeros_like(mask[:rows])]),
+            torch.cat([adv, torch.zeros_like(adv[:rows])]), torch.cat([old, old[:rows]]))
+
+
+def _off_policy_old(model_dir, ids, mask, adv, g):
+    """Old log-probs near the model's own (0.2 noise), so that every loss type has clipped and unclipped tokens."""
+    _, _, ref_logp = _reference_grads(model_dir, ids, mask, adv, torch.zeros(mask.shape))
+    return (ref_logp + 0.2 * torch.randn(ref_logp.shape, generator=g, dtype=torch.float64)).float()
+
+
 @pytest.mark.parametrize("loss_type", ["sapo", "gspo", "grpo"])
 def test_single_process_micro_batches_match_reference(tmp_path, loss_type):
     from megatron_sapo.policy.config import PolicyConfig
@@ -92,22 +111,25 @@ def test_single_process_micro_batches_match_reference(tmp_path, loss_type):
     policy = Policy(PolicyConfig(model_path=str(tmp_path), micro_batch_size=2, lr=0.0, clip_grad=0.0,
                                  moe_aux_loss_coeff=0.0))  # the reference has no auxiliary loss
     ids, mask, adv, g = _batch(300)
-    ref_loss, ref_grads, ref_logp = _reference_grads(tmp_path, ids, mask, adv, torch.zeros(4, 9))
-    old = (ref_logp + 0.2 * torch.randn(ref_logp.shape, generator=g, dtype=torch.float64)).float()
-    loss_config = LossConfig(loss_type=loss_type, loss_agg_mode="token-mean")
-    ref_loss, ref_grads, _ = _reference_grads(tmp_path, ids, mask, adv, old, loss_config)
-
+    ref_logp = _reference_grads(tmp_path, ids, mask, adv, torch.zeros(4, 9))[2]
     torch.testing.assert_close(policy.log_probs(ids).double(), ref_logp, rtol=0, atol=2e-5)
-    metrics = policy.train_step(PolicyBatch(ids, mask, adv, old_log_probs=old), loss_config)
-    assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5, abs=1e-7)
-    assert metrics["skipped"] == 0.0 and metrics["grad_norm"] > 0 and metrics["count/tokens"] == mask.sum()
-    assert 0 < metrics["ratio/min"] < 1 < metrics["ratio/max"] and metrics["moe/load_max_over_mean"] >= 1
-    assert "moe/load_balancing_loss" not in metrics  # the auxiliary loss is off here
-    assert _check_grads(policy, ref_grads) > 20
+    old = _off_policy_old(tmp_path, ids, mask, adv, g)
+    for mode in ("token-mean", "seq-mean-token-mean"):
+        loss_config = LossConfig(loss_type=loss_type, loss_agg_mode=mode)
+        ref_loss, ref_grads, _ = _reference_grads(tmp_path, ids, mask, adv, old, loss_config)
+        padded = _with_padding_rows(ids, mask, adv, old)
+        metrics = policy.train_step(PolicyBatch(*padded[:3], old_log_probs=padded[3]), loss_config)
+        assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5, abs=1e-7), mode
+        assert metrics["skipped"] == 0.0 and metrics["grad_norm"] > 0 and metrics["count/tokens"] == mask.sum()
+        assert metrics["count/seqs"] == 4  # the padding rows are no sequences
+        assert 0 < metrics["ratio/min"] < 1 < metrics["ratio/max"] and metrics["moe/load_max_over_mean"] >= 1
+        assert "moe/load_balancing_loss" not in metrics  # the auxiliary loss is off here
+        assert _check_grads(policy, ref_grads) > 20
 
 
 LAYOUTS = [dict(), dict(tensor_model_parallel_size=2), dict(expert_model_parallel_size=2),
-           dict(pipeline_model_parallel_size=2)]
+           dict(pipeline_model_parallel_size=2),
+           dict(tensor_model_parallel_size=2, expert_model_parallel_size=2, expert_tensor_parallel_size=1)]
 
 
 def _worker(rank, model_dir):
@@ -117,21 +139,26 @@ def _worker(rank, model_dir):
     from megatron_sapo.policy.policy import Policy, PolicyBatch
 
     ids, mask, adv, g = _batch(300)
-    old = -torch.rand(4, 9, generator=g) * 6
-    ref_loss, ref_grads, _ = _reference_grads(model_dir, ids, mask, adv, old)
+    old = _off_policy_old(model_dir, ids, mask, adv, g)
+    references = [_reference_grads(model_dir, ids, mask, adv, old, loss)[:2] for loss in LOSSES]
+    p_ids, p_mask, p_adv, p_old = _with_padding_rows(ids, mask, adv, old)
     for layout in LAYOUTS:
         policy = Policy(PolicyConfig(model_path=model_dir, micro_batch_size=1, lr=0.0, clip_grad=0.0,
                                      moe_aux_loss_coeff=0.0, **layout))
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        rows = slice(dp_rank * 4 // dp, (dp_rank + 1) * 4 // dp)  # each data-parallel rank its part of the batch
+        rows = slice(dp_rank, None, dp)  # each data-parallel rank every dp-th row, as the trainer shares them out
         print("layout", layout, flush=True)
-        metrics = policy.train_step(PolicyBatch(ids[rows], mask[rows], adv[rows], old_log_probs=old[rows]), LOSS)
-        assert abs(metrics["loss"] - ref_loss) <= 1e-5 * abs(ref_loss) + 1e-7, (layout, metrics["loss"], ref_loss)
-        assert _check_grads(policy, ref_grads) > 0, layout
+        for loss, (ref_loss, ref_grads) in zip(LOSSES, references):
+            metrics = policy.train_step(PolicyBatch(p_ids[rows], p_mask[rows], p_adv[rows],
+                                                    old_log_probs=p_old[rows]), loss)
+            assert abs(metrics["loss"] - ref_loss) <= 1e-5 * abs(ref_loss) + 1e-7, \
+                (layout, loss.loss_type, loss.loss_agg_mode, metrics["loss"], ref_loss)
+            assert _check_grads(policy, ref_grads) > 0, (layout, loss.loss_type, loss.loss_agg_mode)
         if not layout:  # DP = 2, and the second rank's rows hold no response token: it contributes nothing
             half = mask.clone()
-            half[2:] = False
+            half[1::2] = False
             half_loss, half_grads, _ = _reference_grads(model_dir, ids, half, adv, old)
+            rows = slice(dp_rank, 4, dp)
             metrics = policy.train_step(PolicyBatch(ids[rows], half[rows], adv[rows], old_log_probs=old[rows]), LOSS)
             assert abs(metrics["loss"] - half_loss) <= 1e-5 * abs(half_loss) + 1e-7, (metrics["loss"], half_loss)
             assert metrics["skipped"] == 0.0 and _check_grads(policy, half_grads) > 0
@@ -140,6 +167,8 @@ def _worker(rank, model_dir):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_data_tensor_expert_pipeline_parallel_match_reference(tmp_path):
+    """sapo, gspo, grpo x seq-mean-token-mean, token-mean, under DP=2, TP=2, EP=2, PP=2 and TP=2 + EP=2, with
+    padding rows: loss and every gradient shard against the float64 transformers reference."""
     tiny_models().build("qwen3_moe", tmp_path)
     spawn_local(_worker, 2, str(tmp_path))
 
