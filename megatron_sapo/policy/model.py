@@ -43,9 +43,15 @@ def check_layout(arch: HFArchitecture, cfg: PolicyConfig, world_size: int) -> No
 
 
 def padded_vocab_size(arch: HFArchitecture, cfg: PolicyConfig) -> int:
-    """Megatron shards the vocab evenly over TP: pad to a multiple of 128 * TP (the padded rows never score)."""
-    multiple = 128 * cfg.tensor_model_parallel_size
-    return -(-arch.vocab_size // multiple) * multiple
+    """Megatron shards the vocab evenly over TP: pad to a multiple of 128 * TP (the padded rows never score), or,
+    for a vocab so small that this would leave the last TP rank only padded rows (98 tokens at TP=2 would pad to
+    256, rows 128-255 on rank 1), to the nearest multiple of TP, so that every rank holds real rows."""
+    tp = cfg.tensor_model_parallel_size
+    for multiple in (128 * tp, tp):
+        padded = -(-arch.vocab_size // multiple) * multiple
+        if (tp - 1) * (padded // tp) < arch.vocab_size:
+            return padded
+    raise ValueError(f"vocab of {arch.vocab_size} tokens cannot be split over {tp} tensor-parallel ranks")
 
 
 def transformer_config(arch: HFArchitecture, cfg: PolicyConfig):

@@ -138,20 +138,51 @@ class Policy:
             raise ValueError(f"tensor-parallel rank holds only padded vocab rows (vocab {self.arch.vocab_size})")
         return weight[:valid], start
 
-    def _hidden(self, model, input_ids):
+    def _hidden(self, model, input_ids, padding=None):
         """Final-normed hidden states [b, s, h] (last stage) of input_ids; sequences are right-padded to a multiple
-        of the tensor-parallel size for sequence parallelism, and the padding is cut off again."""
+        of the tensor-parallel size for sequence parallelism, and the padding is cut off again. `padding` [b, s]
+        (True: not a token of the sequence) keeps padding out of the MoE routers' auxiliary losses."""
         seq_len = input_ids.shape[1]
         pad = self._padded_len(input_ids) - seq_len
         if pad:
             input_ids = torch.nn.functional.pad(input_ids, (0, pad))
-        out = self._forward(model, input_ids)
+            padding = None if padding is None else torch.nn.functional.pad(padding, (0, pad), value=True)
+        out = self._forward(model, input_ids, padding)
         return out[:, :seq_len] if self.last_stage and pad else out
 
-    def _forward(self, model, input_ids):
+    def _forward(self, model, input_ids, padding=None):
         b, s = input_ids.shape
         positions = torch.arange(s, device=input_ids.device)[None].expand(b, s)
-        return model(input_ids, positions, causal_mask(s, input_ids.device))
+        if padding is None or not self.arch.is_moe:
+            return model(input_ids, positions, causal_mask(s, input_ids.device))
+        if not self.first_stage and self.module.config.sequence_parallel:
+            # Megatron scatters the mask to the sequence-parallel chunks only where the embedding runs (the first
+            # stage); a later stage's MoE layers see this rank's chunk of the sequence, so it gets that chunk
+            from megatron.core import parallel_state as ps
+
+            chunk = s // ps.get_tensor_model_parallel_world_size()
+            start = ps.get_tensor_model_parallel_rank() * chunk
+            padding = padding[:, start:start + chunk]
+        if not bool(padding.all()):
+            return model(input_ids, positions, causal_mask(s, input_ids.device), padding_mask=padding.contiguous())
+        # a micro-batch of padding rows only: Megatron's auxiliary loss would divide by its zero tokens (NaN, and
+        # the step skipped); such a micro-batch has no load to balance, so it runs without one (every rank of its
+        # tensor-parallel group, whose collective the loss uses, sees the same rows and decides alike)
+        config = self.module.config
+        coeff, config.moe_aux_loss_coeff = config.moe_aux_loss_coeff, 0.0
+        try:
+            return model(input_ids, positions, causal_mask(s, input_ids.device), padding_mask=padding.contiguous())
+        finally:
+            config.moe_aux_loss_coeff = coeff
+
+    @staticmethod
+    def sequence_padding(response_mask: torch.Tensor) -> torch.Tensor:
+        """[B, S] True at the positions after a row's last response token (right padding) and everywhere in a row
+        without response tokens (the empty rows that pad a mini-batch): what is not part of a sequence trained on."""
+        b, predicted = response_mask.shape
+        positions = torch.arange(predicted + 1, device=response_mask.device)
+        last = torch.where(response_mask, torch.arange(predicted, device=response_mask.device), -1).amax(dim=1)
+        return (positions[None, :] > (last + 1)[:, None]) | (last < 0)[:, None]
 
     @staticmethod
     def _padded_len(input_ids) -> int:
@@ -224,7 +255,9 @@ class Policy:
 
     def train_step(self, batch: PolicyBatch, loss_config: LossConfig, temperature: float = 1.0) -> dict[str, float]:
         """One optimizer step on the batch (gradient accumulation over its micro-batches). Returns the loss
-        library's metrics (token-weighted over micro-batches) and loss, grad_norm, lr, skipped, MoE routing loads.
+        library's metrics over the whole step (every micro-batch and every data-parallel rank's rows, each metric by
+        its declared reduction) and loss, grad_norm, lr, skipped, MoE routing loads (this rank's tokens). Padding
+        (after a row's last response token, and rows without any) is kept out of the MoE auxiliary losses.
         A non-finite loss or gradient norm, or non-finite hidden states or old log-probs, skips the update
         (reported as skipped = 1, loss NaN): it is never applied, and no exception stops the run."""
         from megatron.core import parallel_state as ps
@@ -232,6 +265,7 @@ class Policy:
         batch = PolicyBatch(**{k: None if v is None else v.to(self.device) for k, v in vars(batch).items()})
         old = batch.old_log_probs if batch.old_log_probs is not None else self.log_probs(batch.input_ids, temperature)
         mask = batch.response_mask.bool()
+        padding = self.sequence_padding(mask)
         micro_batches = self._micro_batches(batch.input_ids.shape[0])
         totals = self._global_totals(mask, loss_config)
         dp = ps.get_data_parallel_world_size()
@@ -242,7 +276,7 @@ class Policy:
             i = next(iterator)
             rows = slice(i * mbs, (i + 1) * mbs)
             ids = batch.input_ids[rows]
-            hidden = self._hidden(model, ids)
+            hidden = self._hidden(model, ids, padding[rows])
 
             def loss_func(h):
                 if not mask[rows].any():  # nothing to learn from here; the step's normalisers already exclude it
@@ -276,9 +310,7 @@ class Policy:
         if self.last_stage:
             metrics = _merge_metrics(collected)
             metrics.setdefault("loss", 0.0)  # this rank's rows held no response token
-            step_loss = torch.tensor([metrics["loss"]], device=self.device)  # this rank's share of the loss
-            dist.all_reduce(step_loss, group=ps.get_data_parallel_group())
-            metrics["loss"] = step_loss.item()
+            metrics = self._reduce_over_data_parallel(metrics)
         metrics = self._broadcast_from_last_stage(metrics)
         loss_ok = torch.tensor([float(torch.isfinite(torch.tensor(metrics["loss"])))], device=self.device)
         dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)
@@ -293,8 +325,23 @@ class Policy:
                 self.step += 1
         metrics.update(grad_norm=float("nan") if grad_norm is None else float(grad_norm), skipped=float(skipped),
                        lr=self.optimizer.param_groups[0]["lr"])
-        metrics.update(self._routing_metrics(micro_batches))
+        routed = sum(1 for i in range(micro_batches) if not bool(padding[i * mbs:(i + 1) * mbs].all()))
+        metrics.update(self._routing_metrics(routed))
         return metrics
+
+    @staticmethod
+    def _reduce_over_data_parallel(metrics: dict[str, float]) -> dict[str, float]:
+        """The step's metrics over every data-parallel rank's rows: the loss shares summed, the loss library's
+        metrics by their declared reductions (token counts summed, the smallest gate weight the smallest of all
+        ranks', means weighted by each rank's tokens). One all-gather of a small dict per update."""
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_data_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return metrics
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, metrics, group=group)
+        return _merge_metrics(parts)
 
     def _global_totals(self, mask: torch.Tensor, loss_config: LossConfig) -> dict[str, float]:
         """Token and sequence counts of the whole step across data parallel, the loss normalisers."""
@@ -308,30 +355,47 @@ class Policy:
     def _watch_routers(self, model) -> None:
         from megatron.core.transformer.moe.router import TopKRouter
 
-        def record(_module, _inputs, output):
-            routing_map = output[1]
-            self._router_loads.append(routing_map.detach().sum(dim=0).float())
+        def record(_module, inputs, output):
+            routing_map = output[1].detach()
+            if len(inputs) > 1 and inputs[1] is not None:  # the padding mask, [s, b] as the tokens are ordered
+                routing_map = routing_map[~inputs[1].reshape(-1)]
+            if routing_map.shape[0]:  # a micro-batch of padding rows routes no token
+                self._router_loads.append(routing_map.sum(dim=0).float())
 
         for module in model.modules():
             if isinstance(module, TopKRouter):
                 module.register_forward_hook(record)
 
-    def _routing_metrics(self, micro_batches: int) -> dict[str, float]:
-        """Tokens per expert over this step's routers (this rank's tokens): max / mean and min / mean load,
-        averaged over the MoE layers seen; with an auxiliary loss, its unscaled value (Megatron's tracker, mean
-        over MoE layers and micro-batches, this rank)."""
-        if not self._router_loads:
+    def _routing_metrics(self, routed_micro_batches: int) -> dict[str, float]:
+        """Tokens per expert over this step's routers (this rank's tokens, this pipeline stage's MoE layers): max /
+        mean and min / mean load, averaged over the MoE layers seen; with an auxiliary loss, its unscaled value
+        (Megatron's tracker, mean over MoE layers and the micro-batches that held tokens), reduced as Megatron's own training log does:
+        summed over pipeline stages and the router's reduce group (the tensor-parallel ranks that each routed a
+        part of the sequence), averaged over data parallel. Collective when the auxiliary loss is on."""
+        if not self.arch.is_moe:
             return {}
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker, \
+            reduce_aux_losses_tracker_across_ranks
 
-        loads = torch.stack([load / load.mean().clamp(min=1e-9) for load in self._router_loads])
-        out = {"moe/load_max_over_mean": loads.max(dim=1).values.mean().item(),
-               "moe/load_min_over_mean": loads.min(dim=1).values.mean().item()}
+        out = {}
+        if self._router_loads:
+            loads = torch.stack([load / load.mean().clamp(min=1e-9) for load in self._router_loads])
+            out = {"moe/load_max_over_mean": loads.max(dim=1).values.mean().item(),
+                   "moe/load_min_over_mean": loads.min(dim=1).values.mean().item()}
         if not self.module.config.moe_aux_loss_coeff:
             return out
+        from megatron.core import parallel_state as ps
+
+        # Megatron's reduction all-reduces over the pipeline group every name this stage tracked: it would wait
+        # forever for a stage without MoE layers, so such layouts keep this stage's values
+        tracker = get_moe_layer_wise_logging_tracker()  # process-global, zeroed each step
+        for entry in tracker.values():
+            entry["values"].div_(max(1, routed_micro_batches))
+        if all(self.arch.moe_layers) or ps.get_pipeline_model_parallel_world_size() == 1:
+            reduce_aux_losses_tracker_across_ranks()
         moe_layers = max(1, sum(self.arch.moe_layers))
-        for name, entry in get_moe_layer_wise_logging_tracker().items():  # process-global, zeroed each step
-            out[f"moe/{name}"] = entry["values"].sum().item() / moe_layers / micro_batches
+        for name, entry in tracker.items():
+            out[f"moe/{name}"] = entry["values"].sum().item() / moe_layers
         return out
 
     def export_hf(self, out_dir) -> None:

@@ -252,3 +252,65 @@ def test_distributed_optimizer_without_cuda_is_named(tmp_path):
 
     with pytest.raises(ValueError, match="use_distributed_optimizer needs CUDA"):
         Policy(PolicyConfig(model_path=str(tmp_path), use_distributed_optimizer=True))
+
+
+def test_padding_stays_out_of_the_moe_auxiliary_loss(tmp_path):
+    """What pads a batch (the tokens after a row's last response token, and the empty rows the trainer appends)
+    is no part of any sequence: with the load-balancing loss on, changing the padding's token ids changes neither
+    the loss, nor any gradient, nor the logged auxiliary loss and expert loads."""
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.policy import Policy, PolicyBatch
+
+    tiny_models().build("qwen3_moe", tmp_path, router_aux_loss_coef=0.01)
+    policy = Policy(PolicyConfig(model_path=str(tmp_path), micro_batch_size=6, lr=0.0, clip_grad=0.0))
+    ids, mask, adv, g = _batch(300)
+    mask[1, 6:] = False  # row 1 predicts tokens 5 and 6 only: tokens 7 to 9 are right padding
+    old = -torch.rand(4, 9, generator=g) * 6
+    ids, mask, adv, old = _with_padding_rows(ids, mask, adv, old)
+    padding = Policy.sequence_padding(mask)
+    assert padding.sum() == 3 + 2 * 10 and padding[4:].all() and padding[1, 7:].all()
+    results = []
+    for seed in (1, 2):
+        other = torch.randint(0, 300, ids.shape, generator=torch.Generator().manual_seed(seed))
+        metrics = policy.train_step(PolicyBatch(torch.where(padding, other, ids), mask, adv, old_log_probs=old), LOSS)
+        results.append((metrics, {n: p.main_grad.clone() for n, p in policy.module.named_parameters()}))
+    (first, first_grads), (second, second_grads) = results
+    assert first["moe/load_balancing_loss"] > 0.5
+    for key in ("loss", "grad_norm", "moe/load_balancing_loss", "moe/load_max_over_mean", "moe/load_min_over_mean"):
+        assert second[key] == pytest.approx(first[key], rel=1e-6), key
+    for name, grad in first_grads.items():
+        torch.testing.assert_close(second_grads[name], grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def _tp_pp_worker(rank, model_dir, expected):
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.policy import Policy, PolicyBatch
+
+    batch = torch.load(expected, weights_only=False)
+    policy = Policy(PolicyConfig(model_path=model_dir, micro_batch_size=2, lr=0.0, clip_grad=0.0,
+                                 tensor_model_parallel_size=2, pipeline_model_parallel_size=2))
+    metrics = policy.train_step(PolicyBatch(**batch["batch"]), LOSS)
+    for key, value in batch["metrics"].items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5), (key, metrics[key], value)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_tensor_and_pipeline_parallel_with_padding_match_one_process(tmp_path):
+    """TP=2 x PP=2 on 4 processes (sequence parallelism on the second stage too, where Megatron does not split the
+    padding mask itself), with the load-balancing loss on and padding rows: loss, gradient norm and the auxiliary
+    loss equal one process's."""
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.policy import Policy, PolicyBatch
+
+    tiny_models().build("qwen3_moe", tmp_path / "model", router_aux_loss_coef=0.01)
+    ids, mask, adv, g = _batch(300, s=11)  # odd length: the sequence-parallel padding too
+    mask[1, 6:] = False
+    batch = dict(zip(("input_ids", "response_mask", "advantages", "old_log_probs"),
+                     _with_padding_rows(ids, mask, adv, -torch.rand(4, 10, generator=g) * 6)))
+    policy = Policy(PolicyConfig(model_path=str(tmp_path / "model"), micro_batch_size=2, lr=0.0, clip_grad=0.0))
+    metrics = policy.train_step(PolicyBatch(**batch), LOSS)
+    assert metrics["skipped"] == 0.0  # the last micro-batch holds padding rows only: no NaN auxiliary loss
+    expected = {k: metrics[k] for k in ("loss", "grad_norm", "moe/load_balancing_loss", "count/tokens")}
+    torch.save({"batch": batch, "metrics": expected}, tmp_path / "expected.pt")
+    spawn_local(_tp_pp_worker, 4, str(tmp_path / "model"), str(tmp_path / "expected.pt"))
