@@ -267,7 +267,7 @@ class Policy:
         mask = batch.response_mask.bool()
         padding = self.sequence_padding(mask)
         micro_batches = self._micro_batches(batch.input_ids.shape[0])
-        totals = self._global_totals(mask, loss_config)
+        totals = self._global_totals(mask)
         dp = ps.get_data_parallel_world_size()
         mbs = self.cfg.micro_batch_size
         collected: list[dict[str, float]] = []
@@ -343,11 +343,14 @@ class Policy:
         dist.all_gather_object(parts, metrics, group=group)
         return _merge_metrics(parts)
 
-    def _global_totals(self, mask: torch.Tensor, loss_config: LossConfig) -> dict[str, float]:
-        """Token and sequence counts of the whole step across data parallel, the loss normalisers."""
+    def _global_totals(self, mask: torch.Tensor) -> dict[str, float]:
+        """Token and sequence counts of the whole step across data parallel, the loss normalisers. A row without
+        response tokens is padding (the trainer pads each mini-batch to data-parallel size x micro-batch size), so
+        it counts nowhere, also not in Dr.GRPO's number of responses B (seq-mean-token-sum-norm): otherwise the
+        loss would depend on the parallel layout."""
         from megatron.core import parallel_state as ps
 
-        rows = mask.shape[0] if loss_config.loss_agg_mode == "seq-mean-token-sum-norm" else mask.any(-1).sum()
+        rows = mask.any(-1).sum()
         counts = torch.tensor([float(mask.sum()), float(rows)], device=self.device)
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
         return {"total_tokens": counts[0].item(), "total_seqs": counts[1].item()}

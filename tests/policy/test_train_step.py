@@ -114,7 +114,7 @@ def test_single_process_micro_batches_match_reference(tmp_path, loss_type):
     ref_logp = _reference_grads(tmp_path, ids, mask, adv, torch.zeros(4, 9))[2]
     torch.testing.assert_close(policy.log_probs(ids).double(), ref_logp, rtol=0, atol=2e-5)
     old = _off_policy_old(tmp_path, ids, mask, adv, g)
-    for mode in ("token-mean", "seq-mean-token-mean"):
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
         loss_config = LossConfig(loss_type=loss_type, loss_agg_mode=mode)
         ref_loss, ref_grads, _ = _reference_grads(tmp_path, ids, mask, adv, old, loss_config)
         padded = _with_padding_rows(ids, mask, adv, old)
