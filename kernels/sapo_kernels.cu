@@ -1,10 +1,10 @@
 // sapo_kernels.cu - the fused log-prob / entropy / SAPO-gate kernels behind the C ABI of sapo_kernels.h.
 //
 // One CUDA block per row: each thread keeps an online (max, sum exp, sum exp * z) over its columns, read as 16-byte
-// vectors where the row's alignment allows; warps merge with shuffles and the warps through shared memory (one
-// block barrier per row). The forward kernels read the logits once; the backward reads them once more and writes
-// the gradient, with no barrier at all. The same source builds for the host through host/cuda_on_cpu.h, so only
-// the CUDA subset that header documents is used here.
+// vectors from the row's first 16-byte boundary on (tools/check_kernel_loads.py checks the PTX); warps merge with
+// shuffles and the warps through shared memory (one block barrier per row). The forward kernels read the logits
+// once; the backward reads them once more and writes the gradient, with no barrier at all. The same source builds
+// for the host through host/cuda_on_cpu.h, so only the CUDA subset that header documents is used here.
 #include "host/cuda_on_cpu.h"
 
 #include <cuda_bf16.h>
@@ -13,7 +13,9 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <type_traits>
 
 #include "sapo_kernels.h"
 
@@ -48,31 +50,66 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <class T>
 constexpr int kPack = 16 / sizeof(T);
 
-// Columns before the row's first 16-byte boundary (pointers are element-aligned, as every torch tensor is).
+// Columns before the row's first 16-byte boundary (pointers are element-aligned, as every torch tensor is): fewer
+// than kPack<T>.
 template <class T>
 __device__ __forceinline__ int64_t aligned_head(const void* row, int64_t v) {
   const int64_t head = (16 - reinterpret_cast<uintptr_t>(row) % 16) % 16 / sizeof(T);
   return head < v ? head : v;
 }
 
-// z[k] = p[k] * scale for N consecutive elements. N == kPack<T> comes from a 16-byte-aligned p: memcpy from an
-// assumed-aligned pointer is one vector load on the GPU and keeps the host build free of type-punning.
+// One 16-byte vector at a 16-byte-aligned p. On the GPU a uint4 load, unpacked in registers: nvcc lowers a memcpy
+// to 2- or 8-byte accesses even from an assumed-aligned pointer. The store is __stwb (st.global.wb.v4, the default
+// store as inline PTX): a plain uint4 store of floats came out as 4 + 4 + 8 bytes once the loop was unrolled. On the
+// host a memcpy keeps the build free of type-punning. tools/check_kernel_loads.py checks the PTX.
+template <class T>
+__device__ __forceinline__ void load_vector(const T* p, T (&x)[kPack<T>]) {
+#ifdef __CUDA_ARCH__
+  const uint4 bits = *reinterpret_cast<const uint4*>(p);
+  memcpy(x, &bits, sizeof(bits));
+#else
+  memcpy(x, __builtin_assume_aligned(p, 16), sizeof(x));
+#endif
+}
+
+template <class T>
+__device__ __forceinline__ void store_vector(T* p, const T (&x)[kPack<T>]) {
+#ifdef __CUDA_ARCH__
+  uint4 bits;
+  memcpy(&bits, x, sizeof(bits));
+  __stwb(reinterpret_cast<uint4*>(p), bits);
+#else
+  memcpy(__builtin_assume_aligned(p, 16), x, sizeof(x));
+#endif
+}
+
+// z[k] = p[k] * scale for N consecutive elements: one element, or a 16-byte vector from a 16-byte-aligned p.
 template <class T, int N>
 __device__ __forceinline__ void load_scaled(const T* p, float scale, float (&z)[N]) {
+  static_assert(N == 1 || N == kPack<T>, "a span is one element or one 16-byte vector");
   T x[N];
-  const T* aligned = static_cast<const T*>(__builtin_assume_aligned(p, N * sizeof(T)));
-  memcpy(x, aligned, sizeof(x));
+  if constexpr (N == 1) {
+    x[0] = *p;
+  } else {
+    load_vector(p, x);
+  }
 #pragma unroll
   for (int k = 0; k < N; ++k) z[k] = to_float(x[k]) * scale;
 }
 
-template <class T, int N>
+// p[k] = g[k] for N consecutive elements; a vector as one 16-byte store if kAligned (p is then 16-byte aligned),
+// else element by element.
+template <bool kAligned, class T, int N>
 __device__ __forceinline__ void store(T* p, const float (&g)[N]) {
   T x[N];
 #pragma unroll
   for (int k = 0; k < N; ++k) x[k] = from_float<T>(g[k]);
-  T* aligned = static_cast<T*>(__builtin_assume_aligned(p, N * sizeof(T)));
-  memcpy(aligned, x, sizeof(x));
+  if constexpr (kAligned && N == kPack<T>) {
+    store_vector(p, x);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) p[k] = x[k];
+  }
 }
 
 template <int N>
@@ -81,18 +118,28 @@ struct Span {
 };
 
 // Calls fn(col, Span<N>{}) for this thread's share of the columns [0, v) of a row: N = kPack<T> for the vectors of
-// the aligned body (consecutive threads take consecutive vectors, so the block's loads coalesce) and N = 1 for
-// the `head` scalar columns before it (aligned_head, or v for a row that must be read element by element) and the
-// ragged tail.
+// the aligned body (consecutive threads take consecutive vectors, so the block's loads coalesce) and N = 1 for the
+// `head` < kPack<T> columns before it (aligned_head) and the ragged tail. Head and tail each take one pass of the
+// block's threads, outside any loop: every load that repeats with the vocab is a 16-byte vector.
 template <class T, class Fn>
 __device__ __forceinline__ void for_each_span(int64_t v, int64_t head, Fn&& fn) {
   constexpr int W = kPack<T>;
+  static_assert(W <= kThreads, "head and tail must fit one pass of the block");
   const int64_t vectors = (v - head) / W;
   const int64_t tail = head + vectors * W;
-  for (int64_t col = threadIdx.x; col < head; col += kThreads) fn(col, Span<1>{});
-  for (int64_t j = threadIdx.x; j < vectors; j += kThreads) fn(head + j * W, Span<W>{});
-  for (int64_t col = tail + threadIdx.x; col < v; col += kThreads) fn(col, Span<1>{});
+  const int64_t t = threadIdx.x;
+  if (t < head) fn(t, Span<1>{});
+  for (int64_t j = t; j < vectors; j += kThreads) fn(head + j * W, Span<W>{});
+  if (tail + t < v) fn(tail + t, Span<1>{});
 }
+
+// e^x of a difference x <= 0 (a logit minus its row's max or lse) as 2^(x log2 e): one MUFU.EX2 and a multiply,
+// where expf spends ~8 instructions on range reduction. log2 e multiplies the difference, not the inverse
+// temperature: folded there, the row max and lse would be rounded in base-2 units and converted back, ~1 ulp of
+// |lse| (4e-6 at |lse| ~ 50) added to every log-prob and to p near 1 in the backward. Here the one extra rounding
+// is relative to x, a few 1e-7 of e^x for the terms that matter (|x| < 20).
+constexpr float kLog2e = 1.44269504088896341f;
+__device__ __forceinline__ float exp_diff(float x) { return exp2f(x * kLog2e); }
 
 // ---- online softmax statistics ---------------------------------------------------------------------------------
 
@@ -118,12 +165,12 @@ __device__ __forceinline__ void accumulate(RowStats& st, const float (&z)[N]) {
 #pragma unroll
   for (int k = 0; k < N; ++k) m = fmaxf(m, z[k]);
   if (m == -INFINITY) return;  // nothing finite yet: exp(-inf - -inf) would be NaN
-  const float rescale = expf(st.m - m);
+  const float rescale = exp_diff(st.m - m);
   if (kEntropy) st.t = recentre(st, m, rescale);
   st.s *= rescale;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    const float e = expf(z[k] - m);
+    const float e = exp_diff(z[k] - m);
     st.s += e;
     if (kEntropy) st.t += z[k] == -INFINITY ? 0.0f : e * (m - z[k]);  // e = 0 there, and 0 * inf is NaN
   }
@@ -134,7 +181,7 @@ template <bool kEntropy>
 __device__ __forceinline__ RowStats merge(const RowStats& a, const RowStats& b) {
   const float m = fmaxf(a.m, b.m);
   if (m == -INFINITY) return a;
-  const float ea = expf(a.m - m), eb = expf(b.m - m);
+  const float ea = exp_diff(a.m - m), eb = exp_diff(b.m - m);
   return {m, a.s * ea + b.s * eb, kEntropy ? recentre(a, m, ea) + recentre(b, m, eb) : 0.0f};
 }
 
@@ -296,33 +343,42 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t i = blockIdx.x, target = targets[i];
   const T* row = logits + i * row_stride;
   T* out = grad_logits + i * grad_row_stride;
-  // The vector body needs the input and output rows to reach a 16-byte boundary at the same column.
-  int64_t head = aligned_head<T>(row, v);
-  if (aligned_head<T>(out, v) != head) head = v;
-  if (target < 0) {
-    for_each_span<T>(v, head, [&](int64_t col, auto span) {
-      const float zeros[decltype(span)::size] = {};
-      store(out + col, zeros);
-    });
-    return;
-  }
-  const int64_t target_col = target - vocab_start;
-  const float row_lse = lse[i], g_logp = grad_logp[i];
-  const float g_entropy = grad_entropy ? grad_entropy[i] : 0.0f, row_entropy = grad_entropy ? entropy[i] : 0.0f;
-  for_each_span<T>(v, head, [&](int64_t col, auto span) {
-    constexpr int N = decltype(span)::size;
-    float z[N], g[N];
-    load_scaled(row + col, inv_temperature, z);
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const float p = expf(z[k] - row_lse);
-      const float hit = col + k == target_col ? 1.0f : 0.0f;
-      g[k] = z[k] == -INFINITY
-                 ? 0.0f  // a padded column: p = 0, and its z would turn the entropy term into NaN
-                 : inv_temperature * (g_logp * (hit - p) - g_entropy * p * (z[k] - row_lse + row_entropy));
+  // The spans follow the input's alignment. The output stores them as 16-byte vectors where its row reaches a
+  // 16-byte boundary at the same column (always in place), else element by element. One loop per case, so that the
+  // choice is not a branch in the loop: nvcc merges the stores of such branches into narrower ones.
+  const int64_t head = aligned_head<T>(row, v);
+  const auto write_row = [&](auto aligned_out) {
+    constexpr bool kAligned = decltype(aligned_out)::value;
+    if (target < 0) {
+      for_each_span<T>(v, head, [&](int64_t col, auto span) {
+        const float zeros[decltype(span)::size] = {};
+        store<kAligned>(out + col, zeros);
+      });
+      return;
     }
-    store(out + col, g);
-  });
+    const int64_t target_col = target - vocab_start;
+    const float row_lse = lse[i], g_logp = grad_logp[i];
+    const float g_entropy = grad_entropy ? grad_entropy[i] : 0.0f, row_entropy = grad_entropy ? entropy[i] : 0.0f;
+    for_each_span<T>(v, head, [&](int64_t col, auto span) {
+      constexpr int N = decltype(span)::size;
+      float z[N], g[N];
+      load_scaled(row + col, inv_temperature, z);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float p = exp_diff(z[k] - row_lse);
+        const float hit = col + k == target_col ? 1.0f : 0.0f;
+        g[k] = z[k] == -INFINITY
+                   ? 0.0f  // a padded column: p = 0, and its z would turn the entropy term into NaN
+                   : inv_temperature * (g_logp * (hit - p) - g_entropy * p * (z[k] - row_lse + row_entropy));
+      }
+      store<kAligned>(out + col, g);
+    });
+  };
+  if (aligned_head<T>(out, v) == head) {
+    write_row(std::true_type{});
+  } else {
+    write_row(std::false_type{});
+  }
 }
 
 // ---- launchers ----------------------------------------------------------------------------------------------------
@@ -372,6 +428,45 @@ int launch_status() { return static_cast<int>(cudaGetLastError()); }
 extern "C" {
 
 int sapo_abi_version(void) { return SAPO_ABI_VERSION; }
+
+int sapo_probe(void) {
+#ifdef __CUDACC__
+  // A kernel's attributes need the runtime, the device and this build's code for it, and launch nothing.
+  cudaFuncAttributes attributes;
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, logprob_stats_kernel<float, false>);
+  cudaGetLastError();  // not left for the next launch's status to report
+  return static_cast<int>(err);
+#else
+  return 0;
+#endif
+}
+
+int sapo_synchronize(void* stream) {
+  return static_cast<int>(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
+}
+
+const char* sapo_error_string(int code) {
+  switch (code) {
+    case 0:
+      return "no error";
+    case SAPO_ERR_BAD_DTYPE:
+      return "unsupported dtype (SAPO_ERR_BAD_DTYPE)";
+    case SAPO_ERR_BAD_SHAPE:
+      return "bad shape: n < 0 or > INT32_MAX, v <= 0, a row stride < v, or in place with another stride "
+             "(SAPO_ERR_BAD_SHAPE)";
+    case SAPO_ERR_NULL_POINTER:
+      return "a required pointer is NULL (SAPO_ERR_NULL_POINTER)";
+    case SAPO_ERR_BAD_LOSS:
+      return "unknown loss kind or invalid loss parameter (SAPO_ERR_BAD_LOSS)";
+    default:
+      break;
+  }
+  if (code < 0) return "unknown library error";
+  thread_local char message[256];
+  const auto err = static_cast<cudaError_t>(code);
+  std::snprintf(message, sizeof(message), "%s: %s", cudaGetErrorName(err), cudaGetErrorString(err));
+  return message;
+}
 
 int sapo_logprob_stats(const void* logits, int32_t dtype, int64_t n, int64_t v, int64_t row_stride,
                        const int64_t* targets, int64_t vocab_start, float inv_temperature, float* row_max,

@@ -11,11 +11,13 @@
  *                a negative target marks an ignored row (log-prob 0, loss 0, gradient 0)
  *   z            logits * inv_temperature, computed in fp32
  *   -inf logits are valid (padded vocab entries) and contribute nothing.
- * Pointers are aligned to their element size (as torch's are); rows whose address allows it are read as 16-byte
- * vectors. Each function launches one kernel with one block per row and does not synchronise.
- * Every function returns 0 on success, a negative SAPO_ERR_* for bad arguments, or a positive CUDA error code
- * (cudaGetLastError() after the launch). Arguments are checked in the order dtype, shape, loss parameters; then
- * n == 0 returns 0 without launching (empty tensors may have NULL data); then the pointers.
+ * Pointers are aligned to their element size (as torch's are); each row is read in 16-byte vectors from its first
+ * 16-byte boundary on. Each launching function launches one kernel with one block per row and does not synchronise.
+ * Every launching function returns 0 on success, a negative SAPO_ERR_* for bad arguments, or a positive CUDA error
+ * code (cudaGetLastError() after the launch; sapo_error_string names both). Arguments are checked in the order
+ * dtype, shape, loss parameters; then n == 0 returns 0 without launching (empty tensors may have NULL data); then
+ * the pointers. A fault while the kernel runs shows at the next synchronisation: sapo_synchronize reports it.
+ * ABI 2 added sapo_probe, sapo_synchronize and sapo_error_string.
  */
 #ifndef SAPO_KERNELS_H
 #define SAPO_KERNELS_H
@@ -26,7 +28,7 @@
 extern "C" {
 #endif
 
-#define SAPO_ABI_VERSION 1
+#define SAPO_ABI_VERSION 2
 
 enum sapo_dtype { SAPO_F32 = 0, SAPO_BF16 = 1, SAPO_F16 = 2 };
 
@@ -60,6 +62,21 @@ typedef struct {
 } sapo_loss_params;
 
 int sapo_abi_version(void);
+
+/* 0 if this library can launch its kernels on the calling thread's current device, else the CUDA error that stops
+ * it, e.g. 35 cudaErrorInsufficientDriver (no driver, or an older one than this build's runtime), 100
+ * cudaErrorNoDevice, 209 cudaErrorNoKernelImageForDevice or 98 cudaErrorInvalidDeviceFunction (a GPU this build
+ * has no code for). Launches nothing. The host build returns 0. */
+int sapo_probe(void);
+
+/* Waits for the work on `stream` and returns 0 or its CUDA error (a fault of an earlier launch). The host build runs
+ * launches synchronously and returns 0. */
+int sapo_synchronize(void* stream);
+
+/* What a return code means: "no error" for 0, the library's message for a SAPO_ERR_*, and "<cudaGetErrorName>:
+ * <cudaGetErrorString>" for a CUDA error (the host build names the errors of its emulation). The string is valid
+ * until this thread calls sapo_error_string again. */
+const char* sapo_error_string(int code);
 
 /* Partial statistics of each row over this shard (for the vocab-parallel merge):
  *   row_max[i]    = max_v z[i, v]                      (-inf if the shard row is all -inf)

@@ -167,12 +167,21 @@ class Trainer:
 
         sc = rc.sglang
         python = sc.python or os.environ.get("SAPO_SGLANG_PYTHON") or sys.executable
+        count = 0 if sc.urls else sc.num_servers
+        devices = [{}] * count
+        if count and torch.cuda.is_available():
+            from .rollout.config import local_server_devices
+
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or 1)
+            devices = [{"CUDA_VISIBLE_DEVICES": d} for d in local_server_devices(
+                sc.gpus, count, device_count=torch.cuda.device_count(), trainer_local_ranks=local_ranks,
+                visible=os.environ.get("CUDA_VISIBLE_DEVICES"))]
         servers = []
         try:
-            for i in range(0 if sc.urls else sc.num_servers):
+            for i in range(count):
                 server = SGLangServer(weights, free_port(), python=python,
                                       log_path=self.out / "logs" / f"sglang_{i}.log", extra_args=tuple(sc.args),
-                                      env=sc.env, startup_timeout=sc.startup_timeout_s)
+                                      env={**sc.env, **devices[i]}, startup_timeout=sc.startup_timeout_s)
                 self._say(f"starting SGLang server {i} on port {server.port} (log: {server.log_path})")
                 servers.append(server)
                 server.start()
@@ -366,7 +375,7 @@ class Trainer:
         if dist.get_world_size() == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=parallel.cpu_world_group())  # pickled in host memory
         return box[0]
 
     def _stop_agreed(self) -> bool:

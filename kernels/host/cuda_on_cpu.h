@@ -37,12 +37,15 @@
 //              aborts with a message instead of returning a stale value.
 //   atomics    atomicAdd (float, double, int, unsigned, unsigned long long), atomicMax (int),
 //              atomicExch (int, unsigned, unsigned long long, float); relaxed order, as on the GPU.
-//   math       expf, logf, log1pf, fmaxf, fminf, INFINITY from <cmath>; __expf, __logf, rsqrtf (computed at
+//   math       expf, exp2f, logf, log1pf, fmaxf, fminf, INFINITY from <cmath>; __expf, __logf, rsqrtf (computed at
 //              full precision: results differ from the GPU's approximate intrinsics in the last bits).
 //   runtime    dim3, uint3, cudaStream_t, cudaError_t, cudaSuccess from <cuda_runtime_api.h> (types only, no
 //              libcudart needed) when the CUDA headers are on the include path, else minimal stand-ins;
 //              cudaGetLastError() is a macro returning and clearing this host thread's last launch error
-//              (call it unqualified). Do not include <cuda_runtime.h> in host builds.
+//              (call it unqualified); cudaStreamSynchronize(stream) returns cudaSuccess (launches are
+//              synchronous); cudaGetErrorName / cudaGetErrorString know the errors this emulation returns
+//              (cudaSuccess, cudaErrorInvalidConfiguration, cudaErrorLaunchFailure) and give "unrecognized error
+//              code" for others. Do not include <cuda_runtime.h> in host builds.
 //
 // NOT supported: TMA, wgmma/mma, ldmatrix, cp.async, mbarrier, thread block clusters, inline PTX (asm),
 // cooperative groups and grid-wide sync, partial-mask warp ops (including __activemask, __match_*_sync,
@@ -156,6 +159,25 @@ inline std::barrier<>* block_barrier;
 inline unsigned char* dynamic_shared;
 
 inline cudaError_t take_last_error() { return std::exchange(last_error, cudaSuccess); }
+
+struct ErrorText {
+  const char *name, *description;
+};
+
+// Only the errors this emulation returns: macros rather than definitions of the runtime's functions, so that a
+// process that also loads libcudart never binds its calls to these.
+inline ErrorText error_text(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess:
+      return {"cudaSuccess", "no error"};
+    case cudaErrorInvalidConfiguration:
+      return {"cudaErrorInvalidConfiguration", "invalid configuration argument (host emulation)"};
+    case cudaErrorLaunchFailure:
+      return {"cudaErrorLaunchFailure", "a kernel thread threw (host emulation)"};
+    default:
+      return {"unrecognized error code", "not an error this host emulation returns"};
+  }
+}
 
 // Publishes this lane's value for the next warp op and waits for the whole warp; returns the row of values.
 inline const Warp::Slot* warp_exchange(unsigned mask, std::uint64_t bits) {
@@ -287,6 +309,9 @@ Launch<Params...> configure(void (*kernel)(Params...), dim3 grid, dim3 block, st
 #define SAPO_LAUNCH(kernel, grid, block, shmem_bytes, stream) \
   ::sapo_host::configure(kernel, grid, block, shmem_bytes, stream)
 #define cudaGetLastError() (::sapo_host::take_last_error())
+#define cudaStreamSynchronize(stream) (static_cast<void>(stream), cudaSuccess)
+#define cudaGetErrorName(error) (::sapo_host::error_text(error).name)
+#define cudaGetErrorString(error) (::sapo_host::error_text(error).description)
 
 inline void __syncthreads() { sapo_host::block_barrier->arrive_and_wait(); }
 

@@ -1,21 +1,23 @@
-"""Everything Megatron-Core 0.16.1 needs to run without CUDA, in one place, applied only when CUDA is unavailable.
+"""What Megatron-Core 0.16.1 needs where TransformerEngine or CUDA is missing, in one place, each adaptation keyed
+on the condition that needs it (measured on the CPU machines, ../shared/ENVIRONMENT.md, and kept to what the policy
+uses). `enable()` applies them once per process.
 
-Measured on the CPU machines (../shared/ENVIRONMENT.md) and kept to what the policy uses. None of it runs on a GPU
-machine: `enable()` returns at once when torch.cuda.is_available(), so nothing here can change GPU results.
-
-  1. torch.cuda.current_device() is called for tensor placement by the MoE router and the attention workspace:
+Needed whenever TransformerEngine is not used (no TE installed, or no CUDA for it), GPU or not:
+  1. megatron.core.transformer.moe.moe_utils.te_general_gemm is left undefined without TransformerEngine, yet the
+     router's gating reads it on every call (NameError on every MoE forward; a Megatron bug fixed in 0.19): set to
+     None so the router uses torch.
+  2. Megatron's WrappedTorchNorm (the norm of the local layer spec, used without TE / Apex) refuses sequence
+     parallelism, which Megatron requires for MoE with TP in training: the same torch norm is built, its weight
+     marked `sequence_parallel` so that finalize_model_grads all-reduces its gradient over TP, as TE's norms are.
+Needed only without CUDA (none of these runs on a GPU machine, so nothing here can change GPU results):
+  3. torch.cuda.current_device() is called for tensor placement by the MoE router and the attention workspace:
      it returns "cpu".
-  2. megatron.core.transformer.moe.moe_utils.te_general_gemm is left undefined without TransformerEngine
-     (NameError; a Megatron bug fixed in 0.19): set to None so the router uses torch.
-  3. torch.cuda.synchronize() (dist-checkpoint save) and torch.cuda.Stream / current_stream (MoE dispatchers):
+  4. torch.cuda.synchronize() (dist-checkpoint save) and torch.cuda.Stream / current_stream (MoE dispatchers):
      a no-op and a stand-in stream.
-  4. The pipeline schedules and FP32Optimizer create tensors with device="cuda" even at PP=1: `cuda_as_cpu()`
+  5. The pipeline schedules and FP32Optimizer create tensors with device="cuda" even at PP=1: `cuda_as_cpu()`
      is a TorchFunctionMode that maps device "cuda" to "cpu" for the duration of such calls.
-  5. Megatron's clip_grad_by_total_norm_fp32 asserts CUDA gradients: the optimizer gets a CPU version with the
+  6. Megatron's clip_grad_by_total_norm_fp32 asserts CUDA gradients: the optimizer gets a CPU version with the
      same arithmetic (scale every gradient by max_norm / (total_norm + 1e-6) when that is below 1).
-  6. Megatron's WrappedTorchNorm (the norm without TE / Apex) refuses sequence parallelism, which Megatron requires
-     for MoE with TP in training: the same torch norm is built, its weight marked `sequence_parallel` so that
-     finalize_model_grads all-reduces its gradient over TP, as TE's norms are.
 The callers also configure Megatron for the CPU: use_cpu_initialization, an explicit boolean causal mask (the
 default one is built on "cuda"), the allgather MoE dispatcher and batch_p2p_comm=False for gloo.
 """
@@ -28,7 +30,22 @@ import dataclasses
 import torch
 from torch.overrides import TorchFunctionMode
 
-_enabled = False
+_without_te_applied = False
+_without_cuda_applied = False
+
+
+def transformer_engine_importable() -> bool:
+    """Whether TransformerEngine imports here (its presence on disk is not enough: a broken build fails to import)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or an OSError / RuntimeError from a build that does not match the driver
+        return False
+    return True
+
+
+def uses_transformer_engine() -> bool:
+    """The model is built from TransformerEngine's layers: TE imports and CUDA is present (model.layer_spec)."""
+    return torch.cuda.is_available() and transformer_engine_importable()
 
 
 class _NullStream:
@@ -51,29 +68,37 @@ class _NullStream:
 
 
 def enable() -> bool:
-    """Apply the adaptations once, if CUDA is unavailable; returns whether they are active."""
-    global _enabled
-    if torch.cuda.is_available():
-        return False
-    if _enabled:
-        return True
+    """Apply, once, the adaptations for TransformerEngine missing (when it is not used) and for CUDA missing (when it
+    is unavailable); returns whether the CUDA-missing ones are active (the caller then configures for the CPU)."""
+    global _without_te_applied, _without_cuda_applied
+    if not _without_te_applied and not uses_transformer_engine():
+        _adapt_to_missing_transformer_engine()
+        _without_te_applied = True
+    if not _without_cuda_applied and not torch.cuda.is_available():
+        _adapt_to_missing_cuda()
+        _without_cuda_applied = True
+    return _without_cuda_applied
+
+
+def _adapt_to_missing_transformer_engine() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    from megatron.core.transformer import torch_norm
+
+    torch_norm.WrappedTorchNorm.__new__ = _sequence_parallel_norm(torch_norm.WrappedTorchNorm.__new__)
+
+
+def _adapt_to_missing_cuda() -> None:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.Stream = _NullStream
     torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
     torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     from megatron.core.optimizer import optimizer as megatron_optimizer
 
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
-    from megatron.core.transformer import torch_norm
-
-    torch_norm.WrappedTorchNorm.__new__ = _sequence_parallel_norm(torch_norm.WrappedTorchNorm.__new__)
-    _enabled = True
-    return True
 
 
 def _sequence_parallel_norm(original_new):
@@ -111,8 +136,8 @@ class _CudaAsCpu(TorchFunctionMode):
 
 @contextlib.contextmanager
 def cuda_as_cpu():
-    """Within the block, tensors asked for on "cuda" are made on the CPU (only when the adaptations are active)."""
-    if not _enabled:
+    """Within the block, tensors asked for on "cuda" are made on the CPU (only when CUDA is missing)."""
+    if not _without_cuda_applied:
         yield
         return
     with _CudaAsCpu():

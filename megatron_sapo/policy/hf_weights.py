@@ -243,6 +243,8 @@ def gather_hf_state_dict(model, arch: HFArchitecture) -> dict[str, torch.Tensor]
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from .parallel import cpu_world_group
+
     lay = Layout(arch, model.config)
     groups = {"tp": (ps.get_tensor_model_parallel_group(), lay.tp),
               "etp": (ps.get_expert_tensor_parallel_group(), lay.etp)}
@@ -267,7 +269,7 @@ def gather_hf_state_dict(model, arch: HFArchitecture) -> dict[str, torch.Tensor]
         gathered = [mine]
     else:
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(mine, gathered, dst=0)
+        dist.gather_object(mine, gathered, dst=0, group=cpu_world_group())  # host memory, never GPU 0's
     if dist.get_rank() != 0:
         return None
     state: dict[str, torch.Tensor] = {}

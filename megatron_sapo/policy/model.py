@@ -6,8 +6,6 @@ CUDA is present. Parallel sizes that do not divide the model get an error that n
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
@@ -95,7 +93,7 @@ def transformer_config(arch: HFArchitecture, cfg: PolicyConfig):
 def layer_spec(arch: HFArchitecture, config):
     from megatron.core.models.gpt import gpt_layer_specs
 
-    use_te = torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    use_te = cpu_compat.uses_transformer_engine()
     if arch.is_moe:  # per-layer specs: MoE and dense layers as moe_layer_freq says, sliced to this pipeline stage
         return gpt_layer_specs.get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                                           normalization="RMSNorm")

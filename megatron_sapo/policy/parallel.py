@@ -21,8 +21,9 @@ def free_port() -> int:
 
 
 def _local_rank_entry(rank, world, port, fn, args):
+    # LOCAL_RANK: on a GPU machine each rank takes its own device (init_distributed), not all of them GPU 0
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      GLOO_SOCKET_IFNAME="lo")
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)  # gloo on a few cores: one thread per rank is several times faster
     try:
         fn(rank, *args)
@@ -33,10 +34,31 @@ def _local_rank_entry(rank, world, port, fn, args):
 
 def spawn_local(fn, nprocs: int, *args) -> None:
     """Run fn(rank, *args) on `nprocs` local processes with the torch.distributed environment of one machine
-    (a free loopback port, gloo over lo); for CPU tests, tools and demos. fn must be a module-level function."""
+    (a free loopback port; gloo over lo without CUDA, NCCL with one GPU per process); for tests, tools and demos.
+    fn must be a module-level function."""
     import torch.multiprocessing as mp
 
+    if torch.cuda.is_available() and torch.cuda.device_count() < nprocs:
+        raise ValueError(f"{nprocs} processes need {nprocs} GPUs under NCCL (one each); this machine has "
+                         f"{torch.cuda.device_count()}")
+
     mp.spawn(_local_rank_entry, args=(nprocs, free_port(), fn, args), nprocs=nprocs, join=True)
+
+
+_cpu_world: tuple | None = None  # (the default group it was made for, the gloo group)
+
+
+def cpu_world_group():
+    """A gloo group of every rank, for collectives of Python objects: those are pickled into byte tensors, which
+    over NCCL would be CUDA tensors (gathering the exported model would put all of it on GPU 0). None (the default
+    group) when the default group is gloo already. Collective the first time, on every rank."""
+    global _cpu_world
+    if dist.get_backend() == "gloo":
+        return None
+    default = dist.distributed_c10d._get_default_group()
+    if _cpu_world is None or _cpu_world[0] is not default:
+        _cpu_world = (default, dist.new_group(backend="gloo"))
+    return _cpu_world[1]
 
 
 def init_distributed() -> None:
@@ -51,7 +73,11 @@ def init_distributed() -> None:
         env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))  # the GPU of a task on its node
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+        local_rank = int(env.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} has no GPU: this process sees {torch.cuda.device_count()} "
+                               "(one process per GPU: check --nproc_per_node / --gpus-per-node / CUDA_VISIBLE_DEVICES)")
+        torch.cuda.set_device(local_rank)
     if env.get("WORLD_SIZE", "1") == "1" and "MASTER_PORT" not in env:
         # no rendezvous needed: an in-memory store, so no port can be taken by another process
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

@@ -32,6 +32,9 @@ class SGLangConfig:
     bucket_mb: int = 512  # distributed sync: bytes per broadcast
     master_address: str | None = None  # distributed sync: this host's address as the servers reach it;
     #                                    None: $MASTER_ADDR, else 127.0.0.1
+    # GPUs (indices as this process sees them) for the servers started here, split evenly between them in order;
+    # they must not be the trainer's own (local ranks 0 .. LOCAL_WORLD_SIZE - 1). Unused without CUDA.
+    gpus: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_choice("rollout.sglang.weight_sync", self.weight_sync, WEIGHT_SYNCS)
@@ -46,6 +49,12 @@ class SGLangConfig:
         bad = [u for u in self.urls if not isinstance(u, str) or not u.startswith(("http://", "https://"))]
         if bad:
             raise ValueError(f"rollout.sglang.urls must be http(s) URLs, got {bad}")
+        if any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in self.gpus) \
+                or len(set(self.gpus)) != len(self.gpus):
+            raise ValueError(f"rollout.sglang.gpus must be distinct GPU indices >= 0, got {self.gpus!r}")
+        if self.gpus and len(self.gpus) % self.num_servers:
+            raise ValueError(f"rollout.sglang.gpus: {len(self.gpus)} GPUs do not split evenly over num_servers = "
+                             f"{self.num_servers}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
             raise ValueError(f"rollout.sglang.env must map strings to strings, got {self.env!r}")
 
@@ -75,3 +84,25 @@ class RolloutConfig:
     def sampling(self, *, temperature: float | None = None, seed: int | None = None) -> SamplingParams:
         return SamplingParams(temperature=self.temperature if temperature is None else temperature, top_p=self.top_p,
                               top_k=self.top_k, max_new_tokens=self.max_new_tokens, stop=tuple(self.stop), seed=seed)
+
+
+def local_server_devices(gpus: list[int], num_servers: int, *, device_count: int, trainer_local_ranks: int,
+                         visible: str | None) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each SGLang server started on this node: `gpus` split evenly in order, indices mapped
+    through this process's own CUDA_VISIBLE_DEVICES (`visible`) when it has one. A ValueError names the problem when
+    there are no GPUs to give, an index does not exist, or a GPU is one of the trainer's (local ranks 0 .. n - 1),
+    which a server would fill with its KV cache and starve."""
+    if not gpus:
+        raise ValueError(f"local SGLang servers need GPUs of their own: set rollout.sglang.gpus (this node has "
+                         f"{device_count} GPUs, the trainer uses 0..{trainer_local_ranks - 1}), or attach running "
+                         "servers with rollout.sglang.urls")
+    missing = [g for g in gpus if g >= device_count]
+    if missing:
+        raise ValueError(f"rollout.sglang.gpus {missing} do not exist: this process sees {device_count} GPUs")
+    shared = sorted(set(gpus) & set(range(trainer_local_ranks)))
+    if shared:
+        raise ValueError(f"rollout.sglang.gpus {shared} are the trainer's (its {trainer_local_ranks} local ranks use "
+                         f"GPUs 0..{trainer_local_ranks - 1}): give the servers other GPUs")
+    names = visible.split(",") if visible else [str(i) for i in range(device_count)]
+    per_server = len(gpus) // num_servers
+    return [",".join(names[g] for g in gpus[i * per_server:(i + 1) * per_server]) for i in range(num_servers)]

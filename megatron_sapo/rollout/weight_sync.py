@@ -10,6 +10,10 @@ keys meet (the default group, or any other prefix, gives other keys and the rend
 returns once the group is formed, so it runs on a thread while the trainer joins. Cost: one TCPStore rendezvous, then
 a gloo full mesh or one NCCL communicator init.
 
+Forming ends with one warm-up collective (the smallest served tensor, sent with its served value): NCCL creates
+communicators at the first collective, so a group that cannot carry data fails inside the formation timeout, where the
+trainer falls back to a folder, instead of at the first real bucket.
+
 An update (update(named_tensors, version)): POST /begin_weight_update to each server; then, per bucket (consecutive
 tensors of one dtype, at most bucket_bytes unless one tensor alone is larger), one POST
 /update_weights_from_distributed per server with the names, dtypes and shapes, and ONE broadcast of the bucket's bytes
@@ -60,6 +64,13 @@ def buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[list[tup
         size += nbytes
     if bucket:
         yield bucket
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
 
 
 def served_shapes(model_dir: str | Path) -> dict[str, list[int]]:
@@ -113,6 +124,8 @@ class WeightUpdateGroup:
         self.world_size = rank
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.broken: str | None = None  # why the group can no longer be used
+        self._aborted = False
+        self._group = None
 
         span = datetime.timedelta(seconds=timeout)
         # hosted here rather than through a tcp:// rendezvous, which under torchrun joins the agent's store instead;
@@ -136,6 +149,33 @@ class WeightUpdateGroup:
         self._group = joined.result()[0]
         # destroy_process_group looks the group up here: this process is the group's rank 0
         c10d._world.pg_group_ranks[self._group] = {dist.get_rank() if dist.is_initialized() else 0: 0}
+        try:
+            self._warm_up()
+        except (SGLangError, ValueError):
+            self.close()
+            raise
+
+    def _warm_up(self) -> None:
+        """One collective while forming, so that a group that cannot carry data fails here, inside the formation
+        timeout, and the caller falls back to a folder. NCCL creates its communicator at the first collective on
+        both sides (SGLang builds its side without device_id; an eager, device_id-bound side here would block in
+        the communicator's init until the servers' first collective, i.e. forever): without this, that first
+        collective would be the first real bucket. The smallest served tensor is sent with the value the servers
+        already hold (read from the served folder), under no new version, in its own update session."""
+        from safetensors import safe_open
+
+        name = min(self.shapes, key=lambda k: (_numel(self.shapes[k]), k))
+        for path in sorted(Path(self.reference_dir).glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                if name in f.keys():
+                    tensor = f.get_tensor(name)
+                    break
+        self._control_all("/begin_weight_update", {}, "opening the warm-up update in")
+        try:
+            self._send([(name, tensor)], None)
+        finally:
+            self._control_all("/end_weight_update", {}, "closing the warm-up update in",
+                              best_effort=self.broken is not None)
 
     def _await(self, answers: dict, doing: str) -> None:
         """Wait for every future of `answers` (future -> who), raising at the first failure."""
@@ -218,8 +258,21 @@ class WeightUpdateGroup:
             self._await(answers, "sending weights through")
         except SGLangError as err:
             self.broken = str(err)
+            self._abort()
             raise
         work.wait()
+
+    def _abort(self) -> None:
+        """After a refused bucket the servers never join its broadcast: an NCCL broadcast would stay queued on the
+        stream until the watchdog kills the trainer, so the communicator is aborted at once (the group is unusable
+        anyway). A gloo broadcast from rank 0 does not wait for its receivers, and gloo has no abort."""
+        if self.backend != "nccl" or self._group is None:
+            return
+        try:
+            c10d._abort_process_group(self._group)
+        except Exception as err:  # torch's private API: report, but the caller's error is the one that matters
+            self.broken += f" (aborting the NCCL communicator failed too: {err})"
+        self._aborted = True
 
     def close(self) -> None:
         """Destroy the group on the servers (best effort after a failed transfer) and here."""
@@ -229,7 +282,8 @@ class WeightUpdateGroup:
             self._control_all("/destroy_weights_update_group", {"group_name": self.group_name}, "destroying",
                               best_effort=self.broken is not None)
         finally:
-            dist.destroy_process_group(self._group)
+            if not self._aborted:  # an aborted group is already gone from torch's registry
+                dist.destroy_process_group(self._group)
             self._group = None
             self._pool.shutdown(wait=False)
 
