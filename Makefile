@@ -22,8 +22,14 @@ MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 SLURM_PACKAGES := slurmctld slurmd slurm-client munge shellcheck
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
+# The prepared GPU check (tools/gpu_check.sh). The lent GPU machines have no network and no megatron-core: its wheel
+# (and psutil's, for dist_checkpointing) for their Python 3.12 on manylinux_2_28 x86-64, at the CI constraints'
+# versions, travel with the repository (the carry list names this folder; 64 MiB at most)
+GPU_WHEELS ?= outputs/gpu_wheels
+GPU_CHECK_ARGS ?=
+
 .PHONY: help install sglang-env mlflow-server-env slurm-env test test-slurm test-kernels-native kernels bench demo \
-	clean
+	gpu-wheels gpu-check clean
 
 help:
 	@echo "make install  create $(VENV) and install megatron_sapo with the pinned CI versions"
@@ -35,6 +41,8 @@ help:
 	@echo "make kernels  build kernels/build/libsapo_kernels_{host,cuda}.so (the CUDA one needs nvcc)"
 	@echo "make test-kernels-native  the kernels' C++ checks: host run, ThreadSanitizer, nvcc build"
 	@echo "make bench    the benchmarks (tools/bench_*.py): fused loss, train step, rollout, RL step vs TRL"
+	@echo "make gpu-wheels  download the wheels the GPU check installs offline into $(GPU_WHEELS)"
+	@echo "make gpu-check   the GPU check (tools/gpu_check.sh; GPU_CHECK_ARGS=--quick): GPU steps skipped without one"
 
 $(STAMP): setup.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -88,6 +96,17 @@ bench: $(BENCH_STAMP) $(SGLANG_STAMP)
 	$(PY) tools/bench_train_step.py
 	$(PY) tools/bench_rollout.py
 	$(PY) tools/bench_rl_step.py
+
+gpu-wheels: $(STAMP)
+	rm -rf $(GPU_WHEELS)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 -c $(CONSTRAINTS) -d $(GPU_WHEELS) megatron-core psutil
+	@ls $(GPU_WHEELS)
+	@du -sh $(GPU_WHEELS)
+
+# No install first: on a GPU machine the check uses the Python it finds there (see tools/gpu_check.sh)
+gpu-check:
+	GPU_WHEELS=$(GPU_WHEELS) bash tools/gpu_check.sh $(GPU_CHECK_ARGS)
 
 # The demo's inputs (recipes/tiny_cpu.yaml reads them from outputs/demo): a tiny Qwen3-MoE after a short supervised
 # warm start, and sort-digits prompt files. Each `make demo` then trains from scratch into outputs/demo/run.

@@ -8,10 +8,12 @@ Two paths, each implementation in its own process so that peak memory is its own
   --with-megatron adds Megatron-Core's own route: full logits, then its vocab_parallel_cross_entropy
 Working memory = peak - (inputs) - (the gradients the loss must return: dlogits, or dH and dW). Peak is the process's
 peak RSS on CPU and torch.cuda.max_memory_allocated on a GPU. On a GPU the tool also times the log-prob statistics
-kernel alone and prints its achieved read bandwidth against the device's HBM bandwidth.
+kernel alone and prints its achieved read bandwidth against the device's HBM bandwidth; its inputs are made on the GPU
+(at N = 16384 the logits are 2.5 G values: minutes of CPU random numbers). --repeats times several runs after the
+warm-up (the median is reported); --json writes every number (tools/gpu_check.sh reads it).
 
     python tools/bench_fused_loss.py                       # N=2048, V=151936, H=1024, fp32, on CPU
-    python tools/bench_fused_loss.py --device cuda --dtype bfloat16 --n 16384 --hidden 4096
+    python tools/bench_fused_loss.py --device cuda --dtype bfloat16 --n 16384 --hidden 4096 --repeats 5
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -48,19 +51,20 @@ def worker(args) -> dict:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     path, impl = args.worker.split(":")
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(0)
+    rand = {"generator": g, "device": g.device}
     n, vocab, hidden_size = args.n, args.vocab, args.hidden
     b = max(1, n // 512)
     t = n // b
-    targets = torch.randint(0, vocab, (b, t), generator=g).to(device)
-    old = (-torch.rand(b, t, generator=g) * 8).to(device)
-    adv = torch.randn(b, generator=g).to(device)
+    targets = torch.randint(0, vocab, (b, t), **rand).to(device)
+    old = (-torch.rand(b, t, **rand) * 8).to(device)
+    adv = torch.randn(b, **rand).to(device)
     mask = torch.ones(b, t, dtype=torch.bool, device=device)
     if path == "logits":
-        inputs = [torch.randn(b, t, vocab, generator=g).to(device=device, dtype=dtype).requires_grad_()]
+        inputs = [torch.randn(b, t, vocab, **rand).to(device=device, dtype=dtype).requires_grad_()]
     else:
-        inputs = [torch.randn(b, t, hidden_size, generator=g).to(device=device, dtype=dtype).requires_grad_(),
-                  (torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5).to(device=device, dtype=dtype)
+        inputs = [torch.randn(b, t, hidden_size, **rand).to(device=device, dtype=dtype).requires_grad_(),
+                  (torch.randn(vocab, hidden_size, **rand) / hidden_size ** 0.5).to(device=device, dtype=dtype)
                   .requires_grad_()]
     grad_bytes = sum(x.numel() * x.element_size() for x in inputs)
 
@@ -84,15 +88,17 @@ def worker(args) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
-    start = time.perf_counter()
-    grads = run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        grads = run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        del grads
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()
-    del grads
-    result = {"path": path, "impl": impl, "seconds": seconds, "peak_bytes": peak,
-              "working_bytes": peak - base - grad_bytes}
+    result = {"path": path, "impl": impl, "seconds": statistics.median(times), "seconds_all": times,
+              "peak_bytes": peak, "working_bytes": peak - base - grad_bytes}
     if device.type == "cuda" and path == "logits" and impl == "cuda":
         result.update(_kernel_bandwidth(inputs[0].detach().reshape(-1, vocab), targets.reshape(-1)))
     return result
@@ -152,6 +158,8 @@ def main() -> None:
                         help="also run Megatron-Core's full-logits vocab_parallel_cross_entropy route")
     parser.add_argument("--chunk-mib", type=int, default=0, help="chunk size of the fused paths (0: their default)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up; the median is reported")
+    parser.add_argument("--json", help="also write every result to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -162,18 +170,24 @@ def main() -> None:
           "per run")
     header = f"{'path':<8}{'impl':<8}{'time s':>9}{'peak MB':>10}{'working MB':>12}{'time/naive':>12}{'work/naive':>12}"
     print(header)
+    report = {"config": {k: getattr(args, k) for k in ("n", "vocab", "hidden", "dtype", "device", "repeats",
+                                                        "chunk_mib")}, "paths": {}}
     for path in args.paths:
         results = {}
         for impl in ("naive", fused_impl) + (("megatron",) if args.with_megatron else ()):
             cmd = [sys.executable, __file__, "--worker", f"{path}:{impl}"] + [
                 f"--{k.replace('_', '-')}={getattr(args, k)}"
-                for k in ("n", "vocab", "hidden", "dtype", "device", "threads", "chunk_mib")]
+                for k in ("n", "vocab", "hidden", "dtype", "device", "threads", "chunk_mib", "repeats")]
             print(f"  running {path}:{impl} ...", file=sys.stderr, flush=True)
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"{path}:{impl} failed:\n{out.stderr[-3000:]}")
             results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
         naive = results["naive"]
+        report["paths"][path] = results
+        if args.json:  # after each path, so that a later failure leaves the numbers measured before it
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
         for impl, r in results.items():
             print(f"{path:<8}{impl:<8}{r['seconds']:>9.2f}{r['peak_bytes'] / 2**20:>10.0f}"
                   f"{r['working_bytes'] / 2**20:>12.0f}{r['seconds'] / naive['seconds']:>12.3f}"
