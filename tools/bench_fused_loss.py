@@ -193,7 +193,8 @@ def main() -> None:
                   f"{r['working_bytes'] / 2**20:>12.0f}{r['seconds'] / naive['seconds']:>12.3f}"
                   f"{r['working_bytes'] / naive['working_bytes']:>12.3f}")
             if "stats_kernel_gbps" in r:
-                share = f" = {r['stats_kernel_gbps'] / r['hbm_gbps']:.0%} of {r['hbm_gbps']:.0f}" if r["hbm_gbps"] else ""
+                share = (f" = {r['stats_kernel_gbps'] / r['hbm_gbps']:.0%} of {r['hbm_gbps']:.0f}"
+                         if r["hbm_gbps"] else "")
                 print(f"        stats kernel on {r['device_name']}: {r['stats_kernel_gbps']:.0f} GB/s{share}")
 
 

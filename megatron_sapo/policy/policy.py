@@ -155,6 +155,9 @@ class Policy:
         positions = torch.arange(s, device=input_ids.device)[None].expand(b, s)
         if padding is None or not self.arch.is_moe:
             return model(input_ids, positions, causal_mask(s, input_ids.device))
+        # decided on the whole micro-batch, before any split: every rank of its tensor-parallel group, whose
+        # collective the auxiliary loss uses, must decide alike
+        only_padding = bool(padding.all())
         if not self.first_stage and self.module.config.sequence_parallel:
             # Megatron scatters the mask to the sequence-parallel chunks only where the embedding runs (the first
             # stage); a later stage's MoE layers see this rank's chunk of the sequence, so it gets that chunk
@@ -163,11 +166,10 @@ class Policy:
             chunk = s // ps.get_tensor_model_parallel_world_size()
             start = ps.get_tensor_model_parallel_rank() * chunk
             padding = padding[:, start:start + chunk]
-        if not bool(padding.all()):
+        if not only_padding:
             return model(input_ids, positions, causal_mask(s, input_ids.device), padding_mask=padding.contiguous())
         # a micro-batch of padding rows only: Megatron's auxiliary loss would divide by its zero tokens (NaN, and
-        # the step skipped); such a micro-batch has no load to balance, so it runs without one (every rank of its
-        # tensor-parallel group, whose collective the loss uses, sees the same rows and decides alike)
+        # the step skipped); such a micro-batch has no load to balance, so it runs without one
         config = self.module.config
         coeff, config.moe_aux_loss_coeff = config.moe_aux_loss_coeff, 0.0
         try:
@@ -372,9 +374,9 @@ class Policy:
     def _routing_metrics(self, routed_micro_batches: int) -> dict[str, float]:
         """Tokens per expert over this step's routers (this rank's tokens, this pipeline stage's MoE layers): max /
         mean and min / mean load, averaged over the MoE layers seen; with an auxiliary loss, its unscaled value
-        (Megatron's tracker, mean over MoE layers and the micro-batches that held tokens), reduced as Megatron's own training log does:
-        summed over pipeline stages and the router's reduce group (the tensor-parallel ranks that each routed a
-        part of the sequence), averaged over data parallel. Collective when the auxiliary loss is on."""
+        (Megatron's tracker, mean over MoE layers and the micro-batches that held tokens), reduced as Megatron's
+        own training log does: summed over pipeline stages and the router's reduce group (the tensor-parallel ranks
+        that each routed a part of the sequence), averaged over data parallel. Collective when the loss is on."""
         if not self.arch.is_moe:
             return {}
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker, \
