@@ -6,6 +6,8 @@ CUDA is present. Parallel sizes that do not divide the model get an error that n
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +15,7 @@ from . import cpu_compat
 from .config import PolicyConfig
 from .hf_config import HFArchitecture
 
+log = logging.getLogger("megatron_sapo.policy")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,6 +59,9 @@ def transformer_config(arch: HFArchitecture, cfg: PolicyConfig):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_cpu = cpu_compat.enable()
+    if on_cpu and arch.is_moe and cfg.moe_token_dispatcher != "allgather":
+        # Megatron 0.16.1's alltoall dispatcher passes split sizes as tensors and needs CUDA streams
+        log.warning("policy.moe_token_dispatcher=%s runs as allgather without CUDA", cfg.moe_token_dispatcher)
     dtype = _DTYPES[cfg.params_dtype]
     moe = {}
     if arch.is_moe:

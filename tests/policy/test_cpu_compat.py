@@ -50,3 +50,20 @@ def test_cpu_gets_both_kinds():
     assert state == {"uses_te": False, "cuda_adapted": True, "te_general_gemm_defined": True,
                      "norm_weight_sequence_parallel": True, "current_device_replaced": True,
                      "clip_replaced": True}
+
+
+def test_alltoall_dispatcher_without_cuda_is_said(tmp_path, caplog):
+    import logging
+
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.hf_config import read_hf_config
+    from megatron_sapo.policy.model import transformer_config
+
+    from .harness import tiny_models
+
+    tiny_models().build("qwen3_moe", tmp_path)
+    with caplog.at_level(logging.WARNING, logger="megatron_sapo.policy"):
+        config = transformer_config(read_hf_config(tmp_path), PolicyConfig(model_path=str(tmp_path),
+                                                                           moe_token_dispatcher="alltoall"))
+    assert config.moe_token_dispatcher_type == "allgather"
+    assert "moe_token_dispatcher=alltoall runs as allgather without CUDA" in caplog.text
