@@ -151,7 +151,8 @@ class WeightUpdateGroup:
         c10d._world.pg_group_ranks[self._group] = {dist.get_rank() if dist.is_initialized() else 0: 0}
         try:
             self._warm_up()
-        except (SGLangError, ValueError):
+        except (SGLangError, ValueError) as err:
+            self.broken = self.broken or f"the warm-up failed: {err}"  # closing is then best effort
             self.close()
             raise
 
