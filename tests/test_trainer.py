@@ -69,12 +69,6 @@ def metrics_rows(out: Path) -> dict[int, dict]:
     return rows
 
 
-def safetensors_of(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
-
-
 def test_embedded_run_tracks_checkpoints_and_resumes(demo, tmp_path):
     out = tmp_path / "run"
     log = train(demo, out, "trainer.steps=3", "trainer.eval_every=2", "trainer.checkpoint_every=2")
@@ -122,8 +116,10 @@ def test_embedded_run_tracks_checkpoints_and_resumes(demo, tmp_path):
     for step in (1, 2, 3, 4, 5):  # the interrupted run also evaluated at its last step, 3
         got = {k: v for k, v in resumed_rows[step].items() if step != 3 or not k.startswith("eval/")}
         assert got == straight_rows[step], step
-    final, expected = safetensors_of(out / "weights" / "step_00000005"), safetensors_of(straight / "weights" /
-                                                                                        "step_00000005")
+    from megatron_sapo.policy.hf_weights import read_safetensors
+
+    final = read_safetensors(out / "weights" / "step_00000005")
+    expected = read_safetensors(straight / "weights" / "step_00000005")
     assert final.keys() == expected.keys() and all(torch.equal(final[k], v) for k, v in expected.items())
 
 

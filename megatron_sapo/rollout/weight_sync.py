@@ -36,6 +36,7 @@ which its API does not let us shorten.
 from __future__ import annotations
 
 import datetime
+import math
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
@@ -64,13 +65,6 @@ def buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[list[tup
         size += nbytes
     if bucket:
         yield bucket
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def served_shapes(model_dir: str | Path) -> dict[str, list[int]]:
@@ -165,7 +159,7 @@ class WeightUpdateGroup:
         already hold (read from the served folder), under no new version, in its own update session."""
         from safetensors import safe_open
 
-        name = min(self.shapes, key=lambda k: (_numel(self.shapes[k]), k))
+        name = min(self.shapes, key=lambda k: (math.prod(self.shapes[k]), k))
         for path in sorted(Path(self.reference_dir).glob("*.safetensors")):
             with safe_open(str(path), framework="pt") as f:
                 if name in f.keys():

@@ -14,7 +14,8 @@ import torch
 from megatron_sapo.policy.parallel import spawn_local
 
 from megatron_sapo.losses import LossConfig
-from megatron_sapo.policy.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_sapo.policy.checkpoint import CheckpointError, _sub_optimizers, latest_checkpoint, load_checkpoint, \
+    save_checkpoint
 from megatron_sapo.policy.config import PolicyConfig
 from megatron_sapo.policy.policy import Policy, PolicyBatch
 
@@ -39,10 +40,6 @@ def _batches(n=2):
 def _config(model_dir, **layout):
     return PolicyConfig(model_path=str(model_dir), micro_batch_size=1, lr=1e-3, lr_warmup_steps=2,
                         lr_decay_steps=10, lr_decay_style="cosine", **layout)
-
-
-def _sub_optimizers(policy):
-    return list(getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]))
 
 
 @torch.no_grad()
