@@ -32,6 +32,8 @@ setup(
         "packaging",
         "psutil",  # megatron-core's dist_checkpointing needs it without declaring it
         "pyarrow>=14",  # Parquet prompt files
+        # structured configs, merging and dotted overrides (config.py); 2.3 pins antlr4-python3-runtime 4.9.*
+        "omegaconf>=2.3,<2.5",
         "pyyaml>=6",
         "safetensors>=0.4",
         "transformers>=4.51",  # Qwen3 / Qwen3-MoE configs; also the reference the policy is tested against

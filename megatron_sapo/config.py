@@ -1,9 +1,11 @@
 """The training job's configuration: one dataclass per component, composed into `TrainConfig`, loaded from YAML and
-overridden by dotted keys (`trainer.steps=10 loss.loss_type=gspo`).
+overridden by dotted keys in OmegaConf's dotlist syntax (`trainer.steps=10 loss.loss_type=gspo`), as in verl and
+NeMo-RL.
 
 Each component owns its dataclass and its checks (policy/config.py, rollout/config.py, ...); this module only
-assembles them. Loading is strict: an unknown key, a value of the wrong type or one a component refuses is a
-ValueError that names the dotted key, before anything starts.
+assembles them, with the dataclasses as OmegaConf's structured-config schema. Loading is strict: an unknown key, a
+value of the wrong type or one a component refuses is a ValueError that names the dotted key and the value, before
+anything starts.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, InterpolationResolutionError,
+                              OmegaConfBaseException, ValidationError)
 
 from .data.config import DataConfig
 from .losses.advantages import ADVANTAGE_ESTIMATORS
@@ -72,116 +78,168 @@ class TrainConfig:
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value, tp, key: str):
-    """`value` as the annotated type `tp`, or a ValueError naming `key`. YAML's own typing is kept, except that
-    numbers written as strings (PyYAML reads `3e-4` as a string) become numbers where a number is expected."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, key)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ValueError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        items = [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
-        return items if origin is list else tuple(items)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp in (int, float):
-        if isinstance(value, str):
-            try:
-                value = float(value) if tp is float else int(value)
-            except ValueError:
-                raise ValueError(f"{key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not float(value)
-                                                                              .is_integer()):
-            raise ValueError(f"{key}: expected {tp.__name__}, got {value!r}")
-        return tp(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls, data: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        raise ValueError(f"unknown key {prefix}{unknown[0]}; {prefix.rstrip('.') or 'the top level'} has: "
-                         f"{', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ValueError as err:
-        message, section = str(err), prefix.rstrip(".")
-        if not section or message.startswith(section):
-            raise
-        words = message.split(" ", 2)  # "x must be ..." or "unknown x 'v'; ...": name the dotted key x
-        for i, word in enumerate(words[:2]):
-            if word in names:
-                words[i] = prefix + word
-                raise ValueError(" ".join(words)) from None
-        raise ValueError(f"{section}: {message}") from None
-
-
-def parse_override(text: str) -> tuple[list[str], object]:
-    """'a.b=value' -> (['a', 'b'], value parsed as YAML)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-        raise ValueError(f"override {text!r} is not of the form dotted.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ValueError(f"override {text!r}: the value is not valid YAML ({err})") from None
-    return key.strip().split("."), value
-
+# The dataclasses are OmegaConf's schema: it stores each value from the file and the overrides (an unknown key or a
+# value of the wrong type stops there) and resolves interpolations; OmegaConf.to_object then builds the frozen
+# dataclasses, whose __post_init__ checks the values. Every OmegaConf error becomes a ValueError in our words, naming
+# the dotted key and the value.
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """The TrainConfig of a YAML file (None: all defaults) with dotted overrides applied in order."""
-    data: dict = {}
+    """The TrainConfig of a YAML file (None: all defaults) with dotted overrides applied in order.
+
+    Overrides are OmegaConf dotlist items, `key.sub=value` with the value read as YAML (`[a, b]`, `{k: v}`, `null`;
+    an empty value is the empty string; a mapping given to a section merges into it). Values may interpolate others:
+    `tracking.run_name=${output_dir}`."""
+    cfg = OmegaConf.structured(TrainConfig)
+    _make_writable(cfg)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        _update(cfg, "", _read_yaml(Path(path)))
     for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for depth, part in enumerate(keys[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ValueError(f"override {text!r}: {'.'.join(keys[:depth + 1])} is not a section")
-            node = child
-        node[keys[-1]] = value
-    return _build(TrainConfig, data)
+        _update(cfg, *_split_override(text), override=text)
+    return _instantiate(cfg)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _split_override(text: str) -> tuple[str, object]:
+    """'a.b=value' -> ('a.b', value read as YAML, as a config file's values are)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {text!r} is not of the form dotted.key=value")
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({err})") from None
+
+
+def _make_writable(node) -> None:
+    """Frozen dataclasses give read-only nodes; the merges must write into them (the dataclasses stay frozen)."""
+    OmegaConf.set_readonly(node, None)
+    for value in node.values() if isinstance(node, DictConfig) else node:
+        if isinstance(value, (DictConfig, ListConfig)):
+            _make_writable(value)
+
+
+def _instantiate(node: DictConfig, prefix: str = ""):
+    """OmegaConf.to_object(node), with a component's refusal (a ValueError from its __post_init__) named by its
+    dotted key. Inner sections are built first on their own so that each refusal is named at its own level; they are
+    a handful of small dataclasses, so building them twice costs nothing."""
+    cls = OmegaConf.get_type(node)
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            _instantiate(node[name], f"{prefix}{name}.")
+    try:
+        return OmegaConf.to_object(node)
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve (ValidationError is a ValueError)
+        raise _explain(err) from None
+    except ValueError as err:
+        raise _name_refusal(err, prefix, [f.name for f in dataclasses.fields(cls)]) from None
+
+
+def _name_refusal(err: ValueError, prefix: str, names: list[str]) -> ValueError:
+    """A component's message names its fields bare where the component is also used on its own (`loss_type`, not
+    `loss.loss_type`): put the section in front."""
+    message, section = str(err), prefix.rstrip(".")
+    if not section or message.startswith(section):
+        return err
+    words = message.split(" ", 2)  # "x must be ..." or "unknown x 'v'; ...": name the dotted key x
+    for i, word in enumerate(words[:2]):
+        if word in names:
+            words[i] = prefix + word
+            return ValueError(" ".join(words))
+    return ValueError(f"{section}: {message}")
+
+
+def _update(cfg: DictConfig, key: str, value, override: str | None = None) -> None:
+    """Set `key` to `value`: a mapping given to a section merges into it key by key, any other value replaces the
+    old one (a list or a free-form mapping as a whole). Not OmegaConf's merge: it names a misplaced value without
+    its key and lets a list of lists into a list of strings."""
+    tp = _field_type(key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        for name, item in value.items():
+            _update(cfg, f"{key}.{name}" if key else str(name), item, override)
+        return
+    try:
+        OmegaConf.update(cfg, key, value, merge=False)
+    except OmegaConfBaseException as err:
+        if override and isinstance(err, ValidationError) and key.startswith(f"{err.full_key}."):
+            raise ValueError(f"override {override!r}: {err.full_key} is not a section") from None
+        raise _explain(err, _full_key(err, key)) from None
+
+
+def _full_key(err: OmegaConfBaseException, key: str) -> str:
+    """The dotted key of an error raised while setting `key`: OmegaConf names a value it cannot store (a YAML date in
+    a free-form mapping) from inside the value being set."""
+    inner = err.full_key or ""
+    if not inner:
+        return key
+    if inner == key or inner.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{inner}."):
+        return inner
+    return f"{key}{inner}" if inner.startswith("[") else f"{key}.{inner}"
+
+
+def _explain(err: OmegaConfBaseException, key: str | None = None) -> ValueError:
+    key = err.full_key or "" if key is None else key
+    if isinstance(err, (ConfigAttributeError, ConfigKeyError)) and err.key is not None:
+        section = key.rpartition(".")[0] if key.endswith(f".{err.key}") else ""
+        owner = _field_type(section)
+        if dataclasses.is_dataclass(owner):
+            names = ", ".join(f.name for f in dataclasses.fields(owner))
+            return ValueError(f"unknown key {key}; {section or 'the top level'} has: {names}")
+        return ValueError(f"unknown key {key}")
+    if isinstance(err, ValidationError) and not isinstance(err, InterpolationResolutionError):
+        return ValueError(f"{key}: expected {_describe(_field_type(key))}, got {err.value!r}")
+    message = str(err.msg).splitlines()[0] if err.msg else type(err).__name__
+    return ValueError(f"{key}: {message}" if key else message)
+
+
+def _field_type(key: str):
+    """The annotation of a dotted key ('rollout.sglang.gpus[0]' -> int); typing.Any past a free-form mapping."""
+    tp = TrainConfig
+    for part in re.findall(r"[^.\[\]]+", key):
+        tp = _strip_optional(tp)
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part, typing.Any)
+        elif typing.get_origin(tp) in (list, tuple):
+            tp = (typing.get_args(tp) or (typing.Any,))[0]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return typing.Any
+    return tp
+
+
+def _strip_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _describe(tp) -> str:
+    base = _strip_optional(tp)
+    if dataclasses.is_dataclass(base):
+        text = f"a mapping of {base.__name__} keys"
+    elif base in (list, tuple) or typing.get_origin(base) in (list, tuple):
+        text = "a list"
+    elif base is dict or typing.get_origin(base) is dict:
+        text = "a mapping"
+    else:
+        text = {bool: "true or false", int: "int", float: "a number", str: "a string"}.get(
+            base, "a number, string, bool, list or mapping")  # typing.Any: inside a free-form mapping
+    return text + (" or null" if base is not tp else "")
 
 
 def to_dict(cfg) -> dict:
@@ -200,7 +258,18 @@ def flatten(data: dict, prefix: str = "") -> dict[str, object]:
 
 
 def dump_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML that load_config reads back to `cfg` (a literal `${` is escaped)."""
+    return yaml.safe_dump(_escape_interpolations(to_dict(cfg)), sort_keys=False)
+
+
+def _escape_interpolations(value):
+    if isinstance(value, str):  # OmegaConf reads `\${` as a literal `${`, and `\\` before `${` as one backslash
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {k: _escape_interpolations(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_interpolations(v) for v in value]
+    return value
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:

@@ -63,12 +63,64 @@ def test_resolved_config_round_trips(tmp_path):
     (["trainer.steps"], "not of the form dotted.key=value"),
     (["trainer..steps=1"], "not of the form dotted.key=value"),
     (["output_dir=/a", "output_dir.x=1"], "output_dir is not a section"),
-    (["output_dir.x=1"], "output_dir: expected a string"),
+    (["output_dir.x=1"], "override 'output_dir.x=1': output_dir is not a section"),
+    (["rollout.sglang.nope=1"], "unknown key rollout.sglang.nope; rollout.sglang has: urls, num_servers, "),
+    (["trainer={stepz: 1}"], "unknown key trainer.stepz; trainer has: steps, "),
+    (["trainer.steps=true"], "trainer.steps: expected int, got True"),  # a bool is not an integer
+    (["policy.lr=false"], "policy.lr: expected a number, got False"),
+    (["trainer.steps=null"], "trainer.steps: expected int, got None"),
+    (["trainer.eval_temperature=[1]"], "trainer.eval_temperature: expected a number or null, got [1]"),
+    (["rollout.sglang.gpus=[0, a]"], "rollout.sglang.gpus[1]: expected int, got 'a'"),
+    (["rollout.stop=abc"], "rollout.stop: expected a list, got 'abc'"),
+    (["data.train_files=[a, [b]]"], "data.train_files[1]: expected a string, got ['b']"),
+    (["trainer=[1]"], "trainer: expected a mapping of TrainerConfig keys, got [1]"),
+    (["loss.clip_ratio_c=0.5"], "loss.clip_ratio_c (dual clip) must be > 1 or None to disable, got 0.5"),
+    (["rollout.sglang.gpus=[2, 3, 4]", "rollout.sglang.num_servers=2"], "rollout.sglang.gpus: 3 GPUs do not split"),
+    (["tracking.run_name=${nope}"], "tracking.run_name: Interpolation key 'nope' not found"),
+    (["trainer.steps=${output_dir}"], "trainer.steps: While dereferencing interpolation '${output_dir}'"),
 ])
 def test_mistakes_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=None) as err:
         load_config(None, overrides)
     assert message in str(err.value)
+    assert type(err.value) is ValueError  # no OmegaConf exception (its ValidationError is a ValueError) reaches a user
+
+
+def test_yaml_mistakes_name_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    for text, message in [("rollout: {sglang: {nope: 1}}\n", "unknown key rollout.sglang.nope; rollout.sglang has: "),
+                          ("trainer: {steps: true}\n", "trainer.steps: expected int, got True"),
+                          ("trainer:\n", "trainer: expected a mapping of TrainerConfig keys, got None"),
+                          ("rewards: {function_kwargs: {day: 2024-01-02}}\n",
+                           "rewards.function_kwargs.day: expected a number, string, bool, list or mapping, got "
+                           "datetime.date(2024, 1, 2)"),
+                          ("loss: {loss_type: foo}\n", "unknown loss.loss_type 'foo'; expected one of: sapo"),
+                          ("policy: {min_lr: 1e-3, lr: 1e-4}\n", "policy.min_lr (0.001) must not exceed lr (0.0001)")]:
+        path.write_text(text)
+        with pytest.raises(ValueError) as err:
+            load_config(path)
+        assert message in str(err.value) and type(err.value) is ValueError
+
+
+def test_overrides_merge_into_nested_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer: {eval_every: 5}\nrollout: {sglang: {num_servers: 2, env: {A: a}}}\n"
+                    "rewards: {function_kwargs: {b: 2}}\n")
+    cfg = load_config(path, ["rollout.sglang.num_servers=4", "rollout.sglang.env.B=b", "trainer={steps: 3}",
+                             "rewards.function_kwargs={a: 1}", "policy.model_path="])
+    assert cfg.rollout.sglang.num_servers == 4 and cfg.rollout.sglang.env == {"A": "a", "B": "b"}
+    assert cfg.trainer.steps == 3 and cfg.trainer.eval_every == 5  # a mapping merges into a section
+    assert cfg.rewards.function_kwargs == {"a": 1}  # and replaces a free-form mapping's value
+    assert cfg.policy.model_path == ""
+
+
+def test_interpolations_resolve_and_a_literal_round_trips(tmp_path):
+    cfg = load_config(None, ["output_dir=/runs/a", "tracking.run_name=${output_dir}",
+                             "rollout.sglang.env.LOG_DIR=${output_dir}/sglang", "data.train_files=[t.jsonl]",
+                             "data.eval_files=${data.train_files}", r"data.system_prompt=cost \${x} \\\${x}"])
+    assert cfg.tracking.run_name == "/runs/a" and cfg.rollout.sglang.env == {"LOG_DIR": "/runs/a/sglang"}
+    assert cfg.data.eval_files == ["t.jsonl"] and cfg.data.system_prompt == r"cost ${x} \${x}"
+    assert load_config(save_config(cfg, tmp_path / "resolved.yaml")) == cfg
 
 
 def test_bad_files_are_named(tmp_path):
