@@ -1,7 +1,7 @@
 """The `megatron-sapo` command. Subcommands stay thin: each parses its arguments and calls the library.
 
   train  RL training from a YAML config with dotted overrides (one process, or under torchrun / srun)
-  plot   PNG training curves of a run, read from its MLflow store
+  plot   PNG training curves of a run, read from its metrics.jsonl
   info   what this installation has: versions, CUDA, the optional accelerators
   gate   SAPO's gate value f(r) and gradient weight w(r) for given ratios and temperatures
 """
@@ -81,15 +81,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .plots import plot_run
-    from .tracking import TrackingConfig, find_run_id, resolve_tracking_uri
+    from .loop.recorder import METRICS_FILE, read_history
+    from .plots import plot_history
 
     run_dir = Path(args.output_dir)
-    run_id = args.run_id or find_run_id(run_dir)
-    if run_id is None:
-        raise ValueError(f"{run_dir} holds no MLflow run id (mlflow/run_id); pass --run-id")
-    uri = args.tracking_uri or resolve_tracking_uri(TrackingConfig(), run_dir)
-    for path in plot_run(uri, run_id, Path(args.out) if args.out else run_dir / "plots"):
+    if not (run_dir / METRICS_FILE).is_file():
+        raise ValueError(f"{run_dir} holds no {METRICS_FILE}: give the output_dir of a training run")
+    for path in plot_history(read_history(run_dir), Path(args.out) if args.out else run_dir / "plots"):
         print(path)
     return 0
 
@@ -114,11 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     plot = sub.add_parser("plot", help="draw a run's training curves (reward, pass@1, gate statistics, lengths)",
-                          description="Read a run's metrics from MLflow and write PNG curves.")
-    plot.add_argument("output_dir", help="the run's output_dir (its MLflow run id is read from there)")
-    plot.add_argument("--run-id", help="MLflow run id (default: the one recorded in output_dir)")
-    plot.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the store in "
-                      "output_dir)")
+                          description="Read a run's metrics from its metrics.jsonl and write PNG curves.")
+    plot.add_argument("output_dir", help="the run's output_dir")
     plot.add_argument("--out", help="folder for the PNG files (default: output_dir/plots)")
     plot.set_defaults(func=cmd_plot)
 

@@ -47,12 +47,16 @@ class TrainerConfig:
     checkpoint_every: int = 50  # steps between checkpoints (and one after the last step); 0: only the last
     keep_checkpoints: int = 2
     resume: bool = True  # continue from output_dir's latest checkpoint when there is one
+    # asynchronous rollouts: how many weight versions the sampling weights may lag the trained policy. 0: synchronous
+    # (each batch sampled by the weights of the step before); K > 0: batches are generated beside training, the
+    # batch of step n by the weights after step n - 1 - K (1: one step off; the old log-probs are recomputed)
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         check_choice("trainer.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
         for name, low in (("steps", 1), ("mini_batches", 1), ("eval_every", 0), ("eval_prompts", 1),
                           ("eval_samples_per_prompt", 1), ("log_samples", 0), ("checkpoint_every", 0),
-                          ("keep_checkpoints", 1)):
+                          ("keep_checkpoints", 1), ("max_staleness", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"trainer.{name} must be an integer >= {low}, got {value!r}")

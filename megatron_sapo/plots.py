@@ -1,4 +1,4 @@
-"""Training curves as a PNG, from a run's metric history (`tracking.load_history`) or any dict of the same shape:
+"""Training curves as a PNG, from a run's metric history (`loop.recorder.read_history`, read from its metrics.jsonl):
 what a person looks at first to see whether a SAPO run learns (reward, eval pass@1), whether its soft gate is
 cutting updates off (gate weights, clip fraction), how long the responses get, and whether optimisation is sane.
 
@@ -9,10 +9,10 @@ nothing here depends on a display or changes matplotlib's global backend.
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
-from .tracking import load_history
+from .atomic import write_atomic
 
 History = dict[str, list[tuple[int, float]]]
 
@@ -59,16 +59,9 @@ def plot_history(history: History, out_dir: str | Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / OVERVIEW
-    tmp = out_dir / f".{OVERVIEW}.{os.getpid()}.tmp"
-    figure.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
-    return [path]
-
-
-def plot_run(tracking_uri: str, run_id: str, out_dir: str | Path) -> list[Path]:
-    """The curves of an MLflow run, read from its tracking store."""
-    return plot_history(load_history(tracking_uri, run_id), out_dir)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=110)
+    return [write_atomic(out_dir / OVERVIEW, image.getvalue())]
 
 
 def _draw_panel(ax, title: str, left: tuple[str, ...], right: tuple[str, ...], history: History) -> None:

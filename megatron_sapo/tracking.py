@@ -8,6 +8,10 @@ is re-sent every `retry_interval_s`; one warning says the server is gone and one
 server rejects (an invalid name, a changed param value) is dropped with a warning instead, so that one bad record
 never holds up the rest. What is still unsent at `close()` goes to <output_dir>/mlflow/pending.jsonl, and the next
 Tracker of that output_dir sends it before anything new (at least once: a crash while replaying may repeat some).
+Metrics that have a record of their own (the trainer's metrics.jsonl) are the exception: they are logged with a
+`mark` (their line in that record), the mark of the last one sent is kept in <output_dir>/mlflow/metrics_sent, and
+the ones not sent are left to their owner to log again (loop/recorder.py fills MLflow in from metrics.jsonl), so
+they are not kept twice and a crash loses none of them.
 
 Without a tracking URI (neither `tracking.tracking_uri` nor $MLFLOW_TRACKING_URI) the run lives in an embedded store
 inside the output dir: sqlite:///<output_dir>/mlflow/mlflow.db, artifacts under <output_dir>/mlflow/artifacts, which
@@ -30,6 +34,8 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from .atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -97,21 +103,6 @@ def find_run_id(output_dir: str | Path) -> str | None:
     path = Path(output_dir) / "mlflow" / "run_id"
     run_id = path.read_text().strip() if path.is_file() else ""
     return run_id or None
-
-
-def load_history(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """Every metric's (step, value) history, sorted by step. A resumed run re-logs the steps after its checkpoint;
-    for a step logged more than once the latest value counts."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    history = {}
-    for key in sorted(client.get_run(run_id).data.metrics):
-        latest = {}
-        for metric in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
-            latest[metric.step] = metric.value
-        history[key] = sorted(latest.items())
-    return history
 
 
 def _is_transient(error: Exception) -> bool:
@@ -200,11 +191,25 @@ class Tracker:
             clean[self._key(key)] = text
         self._put({"op": "params", "params": [[k, v] for k, v in clean.items()]})
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Logs one step's metrics, sent in one request, time-stamped now (a buffered step keeps its true time).
-        NaN is logged as NaN; MLflow stores +-inf as +-1.8e308."""
-        self._put({"op": "metrics", "step": int(step), "timestamp": int(time.time() * 1000),
+    def log_metrics(self, metrics: dict[str, float], step: int, *, timestamp: float | None = None,
+                    mark: int | None = None) -> None:
+        """Logs one step's metrics, sent in one request, time-stamped `timestamp` (Unix seconds; default now, so a
+        buffered step keeps its true time). NaN is logged as NaN; MLflow stores +-inf as +-1.8e308. With `mark` (the
+        caller's own record of these metrics, e.g. a line number), the record is not kept in pending.jsonl and, once
+        sent, `sent_mark()` returns that mark."""
+        when = time.time() if timestamp is None else timestamp
+        self._put({"op": "metrics", "step": int(step), "timestamp": int(when * 1000), "mark": mark,
                    "metrics": [[self._key(k), float(v)] for k, v in metrics.items()]})
+
+    def sent_mark(self) -> int | None:
+        """The mark of the last marked metrics sent (or set by `set_mark`), None when there is none."""
+        path = self.root / "metrics_sent"
+        text = path.read_text().strip() if path.is_file() else ""
+        return int(text) if text else None
+
+    def set_mark(self, mark: int) -> None:
+        """Record `mark` as sent (a caller starting a new run after older marked records)."""
+        write_atomic(self.root / "metrics_sent", f"{mark}\n")
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Uploads a file (or a folder's files) under `artifact_path` of the run's artifacts. The file is read when it
@@ -313,13 +318,12 @@ class Tracker:
         with self._cond:
             records = list(self._queue)
             self._pending_left = 0  # a sender still busy after close must not remove the file written here
+        records = [r for r in records if r["op"] != "metrics" or r.get("mark") is None]  # their owner re-logs them
         if not records:
             return
         if records[0]["op"] != "start_run":  # the run these records belong to
             records.insert(0, self._start_record(self._current))
-        tmp = self._pending_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, self._pending_path)
+        write_atomic(self._pending_path, "".join(json.dumps(r) + "\n" for r in records))
         logger.warning("%d records not sent to MLflow tracking at %s by close are kept in %s, for the next Tracker "
                        "of %s", len(records), self.tracking_uri, self._pending_path, self.output_dir)
 
@@ -379,7 +383,7 @@ class Tracker:
         if op == "start_run":
             self._current = self._start_run(record)
             if self._current is not None:
-                (self.root / "run_id").write_text(self._current + "\n")
+                write_atomic(self.root / "run_id", self._current + "\n")
             if record is self._start:
                 self.run_id = self._current
         elif self._current is None:
@@ -392,6 +396,8 @@ class Tracker:
                 client.log_batch(self._current, metrics=[Metric(key, value, record["timestamp"], record["step"])
                                                          for key, value in metrics[:MAX_METRICS_PER_BATCH]])
                 del metrics[:MAX_METRICS_PER_BATCH]
+            if record.get("mark") is not None:
+                self.set_mark(record["mark"])
         elif op == "artifact":
             if Path(record["path"]).is_dir():
                 client.log_artifacts(self._current, record["path"], record["artifact_path"])

@@ -38,7 +38,8 @@ def test_train_and_plot_help_and_errors(tmp_path, capsys):
     assert exc.value.code == 2 and "none.yaml does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["train", str(Path(__file__).parents[1] / "recipes" / "tiny_cpu.yaml"), f"policy.model_path={tmp_path}"])
-    assert exc.value.code == 2 and "is not a Hugging Face model folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "is not a Hugging Face model folder" in err and "tools/prepare_demo.py" in err
     with pytest.raises(SystemExit) as exc:
         main(["plot", str(tmp_path)])
-    assert exc.value.code == 2 and "holds no MLflow run id" in capsys.readouterr().err
+    assert exc.value.code == 2 and "holds no metrics.jsonl" in capsys.readouterr().err

@@ -5,9 +5,10 @@ after a short supervised warm start); the reward is 1 only if the whole answer i
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
+
+from ..atomic import write_atomic
 
 DIGITS = 4
 
@@ -24,9 +25,4 @@ def sort_digits_examples(count: int, *, seed: int = 0) -> list[dict]:
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     """Write rows as JSONL atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))

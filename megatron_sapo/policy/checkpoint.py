@@ -13,7 +13,6 @@ that names the difference or the cause, never a partial load.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..atomic import write_atomic
 from . import cpu_compat
 
 MANIFEST = "megatron_sapo.json"
@@ -127,10 +127,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(policy, root: str | Path, extra: dict | None = None, *, number: int | None = None) -> Path:
+def save_checkpoint(policy, root: str | Path, extra: dict | None = None, *, number: int | None = None,
+                    attachments: dict[str, object] | None = None) -> Path:
     """Save the policy as root/step_XXXXXXXX and point root/latest at it (collective; every rank calls it).
     XXXXXXXX is `number` (the trainer passes its RL step) or the policy's optimizer step. `extra` (JSON-serialisable,
-    e.g. the trainer's loop state) goes into the manifest, so it is written atomically with the weights."""
+    e.g. the trainer's loop state) goes into the manifest, and `attachments` (rank 0's; name -> tensors, lists,
+    numbers, as torch.save writes them, e.g. queued rollout batches) into files of the checkpoint folder, so both are
+    written atomically with the weights. Read an attachment back with `load_attachment`."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -147,15 +150,15 @@ def save_checkpoint(policy, root: str | Path, extra: dict | None = None, *, numb
     if dist.get_rank() == 0:
         manifest = {"step": policy.step, "world_size": dist.get_world_size(), "model": _model_identity(policy),
                     "policy_config": asdict(policy.cfg), "extra": extra or {}}
+        for name, value in (attachments or {}).items():
+            torch.save(value, tmp / name)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         old = root / f".{final.name}.old"
         if final.exists():
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / LATEST)
+        write_atomic(root / LATEST, final.name + "\n")
     _barrier()
     return final
 
@@ -210,6 +213,17 @@ def load_checkpoint(policy, path: str | Path) -> dict:
     if same_world:
         _set_rng_state(state["rng"])
     return manifest.get("extra", {})
+
+
+def load_attachment(path: str | Path, name: str, default=None):
+    """An attachment saved with the checkpoint at `path` (plain tensors and containers only), or `default`."""
+    file = Path(path) / name
+    if not file.is_file():
+        return default
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged file of any kind
+        raise CheckpointError(f"cannot read {file}: {type(err).__name__}: {err}") from err
 
 
 def _same_world(manifest: dict) -> bool:

@@ -22,7 +22,10 @@ class EmbeddedEngine:
         self._load(model_dir, version)
 
     def _load(self, model_dir, version: str) -> None:
+        import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        transformers.utils.logging.disable_progress_bar()  # a reload at every step would print a bar each time
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():

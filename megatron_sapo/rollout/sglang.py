@@ -4,7 +4,8 @@ over HTTP. The only place that knows SGLang's API, with weight_sync.py (weights 
 - Prompts are tokenised here and sent as input_ids, so the completion's prompt ids are exact; each of the n samples
   of a prompt is its own request, spread round-robin over the servers by a bounded thread pool.
 - A request that fails on a dropped connection is retried on the next server; a local server whose process died is
-  restarted (and waited for) and its requests re-sent, so a batch completes whatever happens to one server.
+  restarted (and waited for) and its requests re-sent, so a batch completes whatever happens to one server. Each
+  retry and restart is logged (a warning naming the server and the error) and counted in `stats`.
 - Weight sync: POST /update_weights_from_disk with the exported folder and a weight_version, then /flush_cache;
   responses carry meta_info.weight_version, which the caller can check. weight_sync.py broadcasts tensors instead.
 - The server may live in its own virtual environment (its pins cannot clash with the trainer's): `python` names
@@ -14,6 +15,7 @@ over HTTP. The only place that knows SGLang's API, with weight_sync.py (weights 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from .engine import Completion, SamplingParams, check_prompts
 
+log = logging.getLogger(__name__)
 
 class SGLangError(RuntimeError):
     pass
@@ -151,6 +154,7 @@ class SGLangEngine:
         self._lock = threading.Lock()
         self._restart_locks = [threading.Lock() for _ in self.servers]
         self.stats = {"retries": 0, "restarts": 0}
+        self._shut_down = False  # after shutdown() a failed request is not retried (its server was stopped on purpose)
         self.weights: tuple[str, str] | None = None  # (folder, version) of the last disk update
         for url in self.urls:
             self._check_reachable(url)
@@ -170,6 +174,8 @@ class SGLangEngine:
     def _revive(self, index: int) -> None:
         """After a failed request to a local server: restart it if its process died, else wait until it answers
         /health (it may be restarting for another request). URL-only servers are left to their owner."""
+        if self._shut_down:
+            raise SGLangError("the SGLang engine was shut down")
         if index >= len(self.servers):
             time.sleep(1.0)
             return
@@ -181,6 +187,8 @@ class SGLangEngine:
                     return
                 except SGLangError:  # it died (or hung) while we waited
                     pass
+            log.warning("SGLang server %s is gone (exit code %s); restarting it from %s (its log: %s)", server.url,
+                        server.process.poll() if server.process else None, server.model_dir, server.log_path)
             server.stop()
             server.start()  # from the folder of the last disk update (update_weights points model_dir there)
             if self.weights is not None:  # its responses must carry that update's version again
@@ -188,17 +196,22 @@ class SGLangEngine:
                          {"model_path": self.weights[0], "weight_version": self.weights[1]}, self.request_timeout)
             with self._lock:
                 self.stats["restarts"] += 1
+            log.warning("SGLang server %s restarted (%d restarts in this run)", server.url, self.stats["restarts"])
 
     def _request(self, payload: dict) -> dict:
         last_error = None
         index = self._pick()
-        for _attempt in range(self.retries + 1):
+        for attempt in range(self.retries + 1):
             try:
                 return _post(self.urls[index] + "/generate", payload, self.request_timeout)
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
                 last_error = err
+                if attempt == self.retries:
+                    break
                 with self._lock:
                     self.stats["retries"] += 1
+                log.warning("generation request to %s failed (%s); retry %d of %d", self.urls[index], err,
+                            attempt + 1, self.retries)
                 self._revive(index)
                 index = (index + 1) % len(self.urls)
         raise SGLangError(f"generation failed after {self.retries + 1} attempts: {last_error}")
@@ -254,5 +267,6 @@ class SGLangEngine:
             server.model_dir = str(model_dir)
 
     def shutdown(self) -> None:
+        self._shut_down = True
         for server in self.servers:
             server.stop()

@@ -152,7 +152,7 @@ def test_weights_broadcast_over_a_process_group_reach_both_servers(served):
     _assert_served_by(root / "v0", _generate_on_both(engine, ["3142:"], 2, params), "step-0")
 
 
-def test_killed_server_is_restarted_and_the_batch_completes(served):
+def test_killed_server_is_restarted_and_the_batch_completes(served, caplog):
     root, engine = served
     engine.update_weights(root / "v0", "step-0")
     server = engine.servers[0]
@@ -164,6 +164,11 @@ def test_killed_server_is_restarted_and_the_batch_completes(served):
     out = engine.generate(["3142:"] * 8, 4, SamplingParams(max_new_tokens=64, seed=3))
     assert sum(len(g) for g in out) == 32 and all(len(c.output_ids) >= 1 for g in out for c in g)
     assert engine.stats["restarts"] >= 1 and server.alive()
+    # each retry and the restart are logged, naming the server
+    said = [r.getMessage() for r in caplog.records if r.name == "megatron_sapo.rollout.sglang"]
+    assert sum("retry" in m and server.url in m for m in said) == engine.stats["retries"] >= 1
+    assert any(f"SGLang server {server.url} is gone" in m for m in said)
+    assert any(f"SGLang server {server.url} restarted" in m for m in said)
     # the restarted server serves the last update's weights under its version (not SGLang's "default")
     again = engine.generate(["3142:"] * 4, 1, SamplingParams(max_new_tokens=2, seed=4))
     assert {c.weight_version for g in again for c in g} == {"step-0"}

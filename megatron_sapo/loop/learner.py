@@ -1,0 +1,66 @@
+"""The learner: one RL step's updates on the policy (every rank).
+
+    rollout batch -> mini-batches (shuffled rows) -> old log-probs of every mini-batch -> one optimizer update each
+
+The old log-probs of all mini-batches are computed before the first update, so the later updates of a rollout batch
+are off-policy: that is where SAPO's gate acts. With asynchronous rollouts (trainer.max_staleness > 0) the batch was
+sampled by older weights still; the old log-probs are recomputed here all the same, so the gate and the GRPO clip see
+the true ratio to the policy being trained, and the engine's own log-probs (rollout_log_probs) feed the mismatch
+metrics and, when loss.rollout_correction is set, the TIS / MIS correction.
+
+Data parallelism: every mini-batch is padded with empty rows to a multiple of data-parallel size x micro-batch size,
+and each data-parallel rank trains on every dp-th row. Memory: each rank holds the whole rollout batch (token ids,
+masks, engine log-probs: about 13 bytes per token) plus its shards' old log-probs (4 bytes per token).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..losses import metric_reduction, reduce_metrics
+from ..policy.policy import PolicyBatch
+from ..rollout.batch import RolloutBatch, mini_batches
+
+# how the policy's own train_step metrics combine over the updates of an RL step (the loss library declares its own
+# beside their names in losses.METRICS)
+UPDATE_REDUCTIONS = {"loss": "mean", "grad_norm": "mean", "lr": "mean", "skipped": "sum"}
+# their names in the step's metrics
+UPDATE_NAMES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "lr": "train/lr",
+                "skipped": "train/skipped_updates"}
+
+
+def update_reduction(key: str) -> str:
+    """The reduction over an RL step's updates of a train_step metric: declared above, in losses.METRICS, or, for
+    Megatron's MoE diagnostics (moe/*, per-update averages over the MoE layers), the mean."""
+    if key in UPDATE_REDUCTIONS:
+        return UPDATE_REDUCTIONS[key]
+    if key.startswith("moe/"):
+        return "mean"
+    return metric_reduction(key)
+
+
+class Learner:
+    def __init__(self, policy, cfg):
+        self.policy, self.cfg = policy, cfg
+
+    def update(self, batch: RolloutBatch, step: int) -> dict[str, float]:
+        """Train on one rollout batch: cfg.trainer.mini_batches optimizer updates (fewer when the batch has fewer
+        rows), the mini-batches drawn by a generator seeded from the RL step (a resumed run draws the same)."""
+        from megatron.core import parallel_state as ps
+
+        cfg = self.cfg
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        temperature = cfg.rollout.temperature
+        generator = torch.Generator().manual_seed(cfg.policy.seed * 7919 + step)
+        count = min(cfg.trainer.mini_batches, batch.num_rows)
+        shards = []
+        for part in mini_batches(batch, count, generator=generator):
+            part = part.padded_to(dp * cfg.policy.micro_batch_size)
+            shards.append(part.select(slice(dp_rank, None, dp)))  # interleaved: the padding rows spread out
+        old = [self.policy.log_probs(s.input_ids, temperature) for s in shards]
+        results = [self.policy.train_step(
+            PolicyBatch(shard.input_ids, shard.response_mask, shard.advantages, old_log_probs=old_log_probs,
+                        rollout_log_probs=shard.rollout_log_probs), cfg.loss, temperature)
+            for shard, old_log_probs in zip(shards, old)]
+        merged = reduce_metrics(results, update_reduction)
+        return {UPDATE_NAMES.get(k, k): v for k, v in merged.items()}
