@@ -206,13 +206,16 @@ def test_srun_tasks_join_one_process_group(cluster):
     assert sorted(out.splitlines()) == ["0 2 0", "1 2 1"]
 
 
+ASYNC = ("trainer.max_staleness=1",)  # the stop / resume test runs the asynchronous loop, the superset
+
+
 def test_a_run_survives_a_time_limit_warning_and_a_cancel_in_one_mlflow_run(cluster, demo, tmp_path):
-    """The time-limit warning (`--signal=B:USR1@60`; scancel --batch --signal=USR1 sends it now) stops the run with a
+    """Asynchronous rollouts (trainer.max_staleness=1), 2 processes with EP=2. The time-limit warning (`--signal=B:USR1@60`; scancel --batch --signal=USR1 sends it now) stops the run with a
     checkpoint, and the job requeues itself and resumes. A plain scancel (SIGTERM to every process, SIGKILL KillWait
     later: 60 s on the test cluster) stops it with a checkpoint and MLflow status KILLED. A resubmission resumes it
     to its end. Each signal comes after a periodic checkpoint, whose helper processes must outlive it."""
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job_id = cluster.submit(log, *tiny_args(demo, out, "trainer.steps=200", "trainer.checkpoint_every=2"))
+    job_id = cluster.submit(log, *tiny_args(demo, out, "trainer.steps=200", "trainer.checkpoint_every=2", *ASYNC))
     wait_for_steps(cluster, job_id, out, log, 3)
     cluster.run("scancel", "--batch", "--signal=USR1", job_id)
     text = wait_for_text(log, "resuming from", cluster, job_id)
@@ -233,7 +236,7 @@ def test_a_run_survives_a_time_limit_warning_and_a_cancel_in_one_mlflow_run(clus
 
     log = tmp_path / "resubmitted.out"
     total = cancelled + 2
-    job_id = cluster.submit(log, *tiny_args(demo, out, f"trainer.steps={total}"))
+    job_id = cluster.submit(log, *tiny_args(demo, out, f"trainer.steps={total}", *ASYNC))
     job = cluster.wait(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, log)
     cluster.show_logs(log)
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0"
@@ -245,3 +248,8 @@ def test_a_run_survives_a_time_limit_warning_and_a_cancel_in_one_mlflow_run(clus
     assert resumed.info.run_id == run.info.run_id == manifest["extra"]["mlflow_run_id"]
     assert resumed.info.status == "FINISHED" and steps == list(range(1, total + 1))  # no step lost or redone
     assert logged_steps(out) == steps and resumed.data.params["policy.expert_model_parallel_size"] == "2"
+    # asynchronous throughout: after each stop the batches generated ahead came back from the checkpoint (a restart
+    # without them would sample its first batch by the newest weights: staleness 0)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    staleness = [row["rollout/staleness"] for row in rows if "reward/mean" in row]
+    assert staleness == [0] + [1] * (total - 1)

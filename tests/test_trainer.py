@@ -65,7 +65,8 @@ def metrics_rows(out: Path) -> dict[int, dict]:
     rows = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        rows[row.pop("step")] = {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))}
+        rows[row.pop("step")] = {k: v for k, v in row.items()
+                                 if not k.startswith(("time/", "throughput/")) and k != "wall_time"}
     return rows
 
 
@@ -83,6 +84,7 @@ def test_embedded_run_tracks_checkpoints_and_resumes(demo, tmp_path):
                 "train/lr", "time/rollout_s", "time/train_s", "time/sync_s", "throughput/tokens_per_s"):
         assert [s for s, _ in steps_of(client, run, key)] == [1, 2, 3], key
     assert all(v == 0 for _, v in steps_of(client, run, "rollout/stale_frac"))
+    assert [v for _, v in steps_of(client, run, "rollout/staleness")] == [0, 0, 0]  # synchronous: the default
     assert all(v == 0 for _, v in steps_of(client, run, "train/skipped_updates"))
     # the later mini-batches are off-policy: the gate acts (weights below 1) without being extreme
     gate_min, gate_mean = steps_of(client, run, "gate/weight_min"), steps_of(client, run, "gate/weight_mean")
@@ -123,6 +125,40 @@ def test_embedded_run_tracks_checkpoints_and_resumes(demo, tmp_path):
     assert final.keys() == expected.keys() and all(torch.equal(final[k], v) for k, v in expected.items())
 
 
+def test_async_rollouts_resume_as_if_never_stopped(demo, tmp_path):
+    """trainer.max_staleness=1 with the embedded engine in a process of its own: the batch of step n is sampled by
+    the weights after step n - 2 (its engine log-probs then differ from the trainer's by far more than float
+    rounding), every completion carries that version, and a run stopped at step 2 (its checkpoint holds the batches
+    generated ahead) and resumed to step 4 gives every metric and the final weights of an uninterrupted run, bit for
+    bit."""
+    async_run = ("trainer.max_staleness=1", "trainer.eval_every=2", "trainer.checkpoint_every=0")
+    out = tmp_path / "run"
+    log = train(demo, out, *async_run, "trainer.steps=2")
+    assert "embedded engine in a process of its own" in log and "step 2/2" in log
+    ahead = torch.load(out / "checkpoints" / "step_00000002" / "rollouts.pt", weights_only=True)
+    # steps 3 and 4's batches: sampled by the weights after steps 1 and 2 (the checkpoint's own)
+    assert [(b["index"], b["version"]) for b in ahead] == [(2, 1), (3, 2)]
+    log = train(demo, out, *async_run, "trainer.steps=4")
+    assert "resuming from" in log and "step 4/4" in log
+    straight = tmp_path / "straight"
+    train(demo, straight, *async_run, "trainer.steps=4")
+    resumed_rows, straight_rows = metrics_rows(out), metrics_rows(straight)
+    assert sorted(resumed_rows) == sorted(straight_rows) == [0, 1, 2, 3, 4]
+    for step in range(5):
+        assert resumed_rows[step] == straight_rows[step], step
+    assert [straight_rows[s]["rollout/staleness"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
+    assert all(straight_rows[s]["rollout/stale_frac"] == 0 for s in (1, 2, 3, 4))
+    assert straight_rows[1]["mismatch/abs_diff_max"] < 2e-5  # sampled by the weights it trains
+    assert all(straight_rows[s]["mismatch/abs_diff_max"] > 1e-2 for s in (2, 3, 4))  # by the step before's
+    client, run = mlflow_run(straight)
+    check_samples(client, run, 4)  # evaluation uses the newest weights
+    from megatron_sapo.policy.hf_weights import read_safetensors
+
+    final = read_safetensors(out / "weights" / "step_00000004")
+    expected = read_safetensors(straight / "weights" / "step_00000004")
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], v) for k, v in expected.items())
+
+
 def policy_log_probs(demo: Path, checkpoint: Path | None = None) -> torch.Tensor:
     """Log-probs of the demo's held-out prompts followed by their answers under the demo model, or under the policy
     of a checkpoint of it (Megatron, one process)."""
@@ -143,23 +179,29 @@ def policy_log_probs(demo: Path, checkpoint: Path | None = None) -> torch.Tensor
 
 @pytest.mark.skipif(not Path(SGLANG_PYTHON).exists() and not os.environ.get("SAPO_SGLANG_PYTHON"),
                     reason="SGLang environment not installed (make sglang-env)")
-@pytest.mark.parametrize("weight_sync", ["disk", "distributed"])
-def test_sglang_run(demo, tmp_path, weight_sync):
+@pytest.mark.parametrize("weight_sync, max_staleness", [("disk", 0), ("distributed", 0), ("disk", 1)])
+def test_sglang_run(demo, tmp_path, weight_sync, max_staleness):
     """The SGLang server serves what the trainer holds: at step 2 (weights synced after step 1) its log-probs of
     every sampled token equal the trainer's old log-probs to 2e-5, while step 1 moved the policy's log-probs by far
-    more than that (measured here from the checkpoints), so a sync that did nothing could not pass."""
+    more than that (measured here from the checkpoints), so a sync that did nothing could not pass. Asynchronous
+    (max_staleness=1): step 2's batch is generated during step 1, by the weights before it, and every completion
+    says so; the evaluation after step 2 runs on the newest weights."""
     out = tmp_path / "run"
     log = train(demo, out, "rollout.engine=sglang", f"rollout.sglang.python={SGLANG_PYTHON}", "trainer.steps=2",
-                "trainer.eval_every=2", "trainer.checkpoint_every=1", f"rollout.sglang.weight_sync={weight_sync}")
+                "trainer.eval_every=2", "trainer.checkpoint_every=1", f"rollout.sglang.weight_sync={weight_sync}",
+                f"trainer.max_staleness={max_staleness}")
     assert "weight sync failed" not in log
     assert "starting SGLang server 0" in log and "step 2/2" in log
     client, run = mlflow_run(out)
     assert run.data.params["rollout.engine"] == "sglang"
     assert [s for s, _ in steps_of(client, run, "reward/mean")] == [1, 2]
-    assert all(v == 0 for _, v in steps_of(client, run, "rollout/stale_frac"))  # every sample had the new weights
+    assert all(v == 0 for _, v in steps_of(client, run, "rollout/stale_frac"))  # every sample had the due weights
+    assert [v for _, v in steps_of(client, run, "rollout/staleness")] == [0, max_staleness]
+    assert all(v == 0 for _, v in steps_of(client, run, "rollout/engine_restarts"))
     # the engine's log-probs are the policy's own at the same weights, token for token
     mismatch = steps_of(client, run, "mismatch/abs_diff_max")
-    assert [s for s, _ in mismatch] == [1, 2] and all(v < 2e-5 for _, v in mismatch), mismatch
+    assert [s for s, _ in mismatch] == [1, 2] and mismatch[0][1] < 2e-5, mismatch
+    assert mismatch[1][1] < 2e-5 if max_staleness == 0 else mismatch[1][1] > 1e-2, mismatch
     moved = (policy_log_probs(demo, out / "checkpoints" / "step_00000001") - policy_log_probs(demo)).abs().max()
     assert moved > 100 * 2e-5, moved
     check_samples(client, run, 2)
