@@ -3,6 +3,7 @@
 on CPU, side by side in one run: seconds per RL step, tokens/s, and the mean reward as a sanity check.
 
     python tools/bench_rl_step.py --steps 10 --warmup-steps 1 --threads 1
+    python tools/bench_rl_step.py --steps 10 --async-staleness 1    # and ours with asynchronous rollouts beside
 
 Both sides start from tools/prepare_demo.py's output (a tiny Qwen3-MoE, hidden 64, 2 layers, 4 experts top-2, with a
 character tokenizer and a short supervised warm start; sort-digits prompts "3142:" -> "1234") and run one after the
@@ -94,6 +95,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
+STALENESS = "max_staleness"
 
 NOT_MATCHED = (
     "ours exports + reloads the weights every step (sync); TRL generates with the training model (no sync)",
@@ -178,9 +180,10 @@ def trl_settings(cfg) -> dict:
             "seed": p.seed, "tau_pos": loss.tau_pos, "tau_neg": loss.tau_neg}
 
 
-def run_ours(demo: Path, out: Path, total_steps: int, threads: int) -> tuple[list[dict], float]:
-    cmd = [sys.executable, "-m", "megatron_sapo.cli", "train", str(RECIPE), *our_overrides(demo, out, total_steps)]
-    wall = _run(cmd, out.parent / "ours.log", threads, "megatron_sapo (megatron-sapo train)")
+def run_ours(demo: Path, out: Path, total_steps: int, threads: int, staleness: int = 0) -> tuple[list[dict], float]:
+    cmd = [sys.executable, "-m", "megatron_sapo.cli", "train", str(RECIPE), *our_overrides(demo, out, total_steps),
+           f"trainer.max_staleness={staleness}"]
+    wall = _run(cmd, out.parent / f"{out.name}.log", threads, "megatron_sapo (megatron-sapo train)")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [{"seconds": r["time/step_s"], "tokens": r["rollout/tokens"], "reward": r["reward/mean"],
              "rollout_s": r["time/rollout_s"], "train_s": r["time/train_s"], "sync_s": r["time/sync_s"]}
@@ -315,11 +318,15 @@ def _versions() -> str:
     return ", ".join(found)
 
 
-def table(ours: dict, trl: dict, updates: int) -> str:
+def table(ours: dict, trl: dict, updates: int, ahead: dict | None = None) -> str:
+    """Ours, TRL and TRL / ours; with `ahead` (ours with asynchronous rollouts) two more columns at the right."""
     def ratio(a, b):
         return f"{b / a:.2f}" if a and b else "-"
 
-    lines = [f"{'':<40}{'megatron_sapo':>16}{'TRL GRPOTrainer(sapo)':>24}{'ratio (TRL / ours)':>21}"]
+    head = f"{'':<40}{'megatron_sapo':>16}{'TRL GRPOTrainer(sapo)':>24}{'ratio (TRL / ours)':>21}"
+    if ahead is not None:
+        head += f"{f'ours, max_staleness={ahead[STALENESS]}':>26}{'ratio (TRL / it)':>18}"
+    lines = [head]
     rows = [("s per RL step", "s_per_step", "{:.3f}"), ("  median", "s_per_step_median", "{:.3f}"),
             ("tokens/s", "tokens_per_s", "{:.0f}"),
             ("  rollout s (gen+reward+adv)", "rollout_s", "{:.3f}"),
@@ -333,7 +340,11 @@ def table(ours: dict, trl: dict, updates: int) -> str:
         a, b = ours.get(key), trl.get(key)
         cells = [fmt.format(v) if v is not None else "-" for v in (a, b)]
         r = "" if key.startswith("reward") else ratio(a, b)
-        lines.append(f"{label:<40}{cells[0]:>16}{cells[1]:>24}{r:>21}")
+        line = f"{label:<40}{cells[0]:>16}{cells[1]:>24}{r:>21}"
+        if ahead is not None:
+            c = ahead.get(key)
+            line += f"{fmt.format(c) if c is not None else '-':>26}{'' if key.startswith('reward') else ratio(c, b):>18}"
+        lines.append(line)
     label = f"  TRL's own step_time (sum of {updates})"
     lines.append(f"{label:<40}{'':>16}{trl['trl_step_time_s']:>24.3f}")
     return "\n".join(lines)
@@ -346,13 +357,16 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the demo inputs and both runs here "
                         "(default: a temporary folder, removed at the end)")
     parser.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads of each side")
+    parser.add_argument("--async-staleness", type=int, default=0, help="also run ours with trainer.max_staleness=K "
+                        "(its embedded engine then generates in a process of its own, on another core): a third "
+                        "column")
     parser.add_argument("--trl-worker", type=Path, help=argparse.SUPPRESS)  # internal: run TRL's side from a job file
     args = parser.parse_args()
     if args.trl_worker:
         trl_worker(json.loads(args.trl_worker.read_text()))
         return
-    if args.steps < 1 or args.warmup_steps < 0 or args.threads < 1:
-        parser.error("--steps and --threads must be >= 1, --warmup-steps >= 0")
+    if args.steps < 1 or args.warmup_steps < 0 or args.threads < 1 or args.async_staleness < 0:
+        parser.error("--steps and --threads must be >= 1, --warmup-steps and --async-staleness >= 0")
     if importlib.util.find_spec("trl") is None:
         sys.exit("TRL is not installed in this environment: pip install trl==1.16.0 "
                  "(with -c requirements/ci-constraints.txt to keep the pinned packages)")
@@ -373,10 +387,14 @@ def main() -> None:
         loads = [os.getloadavg()[0]]
         ours_steps, ours_wall = run_ours(demo, runs / "ours", total, args.threads)
         loads.append(os.getloadavg()[0])
+        if args.async_staleness:
+            ahead_steps, ahead_wall = run_ours(demo, runs / "ours_async", total, args.threads, args.async_staleness)
         trl_steps, trl_wall = run_trl(demo, runs / "trl", total, args.threads, settings)
         loads.append(os.getloadavg()[0])
     ours = {**_summarise(ours_steps, args.warmup_steps), "process_s": ours_wall}
     trl = {**_summarise(trl_steps, args.warmup_steps), "process_s": trl_wall}
+    ahead = {**_summarise(ahead_steps, args.warmup_steps), "process_s": ahead_wall,
+             STALENESS: args.async_staleness} if args.async_staleness else None
 
     s = settings
     print()
@@ -392,7 +410,7 @@ def main() -> None:
     print(f"1-min load average: {loads[0]:.2f} before ours, {loads[1]:.2f} between, {loads[2]:.2f} after TRL "
           f"({os.cpu_count()} cores)")
     print()
-    print(table(ours, trl, s["updates_per_step"]))
+    print(table(ours, trl, s["updates_per_step"], ahead))
     print()
     print("not matched:")
     for line in NOT_MATCHED:
