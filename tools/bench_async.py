@@ -3,7 +3,8 @@
 RL step and where they go, the overlap expected from the synchronous run's own parts, and the reward curves.
 
     python tools/bench_async.py --engine sglang --steps 10                # step time, a real SGLang server
-    python tools/bench_async.py --engine embedded --steps 100 --eval-every 10   # the demo's curves, K=0 vs K=1
+    python tools/bench_async.py --engine embedded --steps 150 --eval-every 50   # the demo's curves, K=0 vs K=1
+    python tools/bench_async.py --engine embedded --steps 150 loss.rollout_correction=tis   # with a correction
 
 Each side is `megatron-sapo train recipes/tiny_cpu.yaml` in its own process, one after the other, on the demo inputs
 of tools/prepare_demo.py (made first when --work-dir lacks them), with the same seeds and steps; the numbers are the
@@ -35,11 +36,11 @@ SGLANG_PYTHON = os.environ.get("SAPO_SGLANG_PYTHON", str(REPO / ".venv-sglang" /
 
 
 def run_side(demo: Path, out: Path, args, staleness: int) -> list[dict]:
-    overrides = [f"output_dir={out}", f"policy.model_path={demo / 'model'}", f"data.train_files=[{demo / 'train.jsonl'}]",
-                 f"data.eval_files=[{demo / 'eval.jsonl'}]", f"trainer.steps={args.steps}",
+    overrides = [f"output_dir={out}", f"policy.model_path={demo / 'model'}",
+                 f"data.train_files=[{demo / 'train.jsonl'}]", f"data.eval_files=[{demo / 'eval.jsonl'}]", f"trainer.steps={args.steps}",
                  f"trainer.eval_every={args.eval_every}", "trainer.checkpoint_every=0", "tracking.enabled=false",
                  f"trainer.max_staleness={staleness}", f"rollout.engine={args.engine}",
-                 f"data.prompts_per_step={args.prompts_per_step}"]
+                 f"data.prompts_per_step={args.prompts_per_step}", *args.overrides]
     if args.engine == "sglang":
         overrides.append(f"rollout.sglang.python={SGLANG_PYTHON}")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="OMP threads of the trainer (and of the engine)")
     parser.add_argument("--work-dir", type=Path, help="keep the demo inputs and both runs here (default: temporary)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for both sides, e.g. "
+                        "loss.rollout_correction=tis")
     args = parser.parse_args()
     if args.steps < 2 or args.staleness < 1 or args.warmup_steps < 0:
         parser.error("--steps must be >= 2, --staleness >= 1, --warmup-steps >= 0")

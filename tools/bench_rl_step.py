@@ -343,7 +343,8 @@ def table(ours: dict, trl: dict, updates: int, ahead: dict | None = None) -> str
         line = f"{label:<40}{cells[0]:>16}{cells[1]:>24}{r:>21}"
         if ahead is not None:
             c = ahead.get(key)
-            line += f"{fmt.format(c) if c is not None else '-':>26}{'' if key.startswith('reward') else ratio(c, b):>18}"
+            r = "" if key.startswith("reward") else ratio(c, b)
+            line += f"{fmt.format(c) if c is not None else '-':>26}{r:>18}"
         lines.append(line)
     label = f"  TRL's own step_time (sum of {updates})"
     lines.append(f"{label:<40}{'':>16}{trl['trl_step_time_s']:>24.3f}")

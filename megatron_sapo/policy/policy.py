@@ -234,8 +234,10 @@ class Policy:
         def forward_step(iterator, model):
             i = next(iterator)
             ids = input_ids[i * mbs:(i + 1) * mbs]
-            hidden = self._hidden(model, ids)
+            with cpu_compat.model_code():
+                hidden = self._hidden(model, ids)
 
+            @cpu_compat.model_code()
             def collect(h):
                 if not bool(torch.isfinite(h).all()):  # NaN log-probs; a train step on them is then skipped
                     out[i * mbs:(i + 1) * mbs] = float("nan")
@@ -278,8 +280,10 @@ class Policy:
             i = next(iterator)
             rows = slice(i * mbs, (i + 1) * mbs)
             ids = batch.input_ids[rows]
-            hidden = self._hidden(model, ids, padding[rows])
+            with cpu_compat.model_code():
+                hidden = self._hidden(model, ids, padding[rows])
 
+            @cpu_compat.model_code()
             def loss_func(h):
                 if not mask[rows].any():  # nothing to learn from here; the step's normalisers already exclude it
                     return h.sum() * 0.0, {}

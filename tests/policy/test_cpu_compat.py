@@ -16,6 +16,27 @@ from megatron.core.optimizer import optimizer as megatron_optimizer
 original_clip = megatron_optimizer.clip_grad_by_total_norm_fp32
 from megatron_sapo.policy import cpu_compat
 cuda_adapted = cpu_compat.enable()
+
+
+def model_code_probe():
+    # where "cuda" is made on the CPU: inside cuda_as_cpu(), not inside model_code() within it, and again after
+    if torch.cuda.is_available():
+        return None
+    def made_on():
+        try:
+            return torch.zeros(1, device="cuda").device.type
+        except (RuntimeError, AssertionError):
+            return "refused"
+    with cpu_compat.cuda_as_cpu():
+        before = made_on()
+        with cpu_compat.model_code():
+            inside = made_on()
+        after = made_on()
+    with cpu_compat.model_code():  # outside cuda_as_cpu() it changes nothing
+        alone = made_on()
+    return [before, inside, after, alone]
+
+
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -28,6 +49,7 @@ print(json.dumps({
     "norm_weight_sequence_parallel": all(getattr(p, "sequence_parallel", False) for p in norm.parameters()),
     "current_device_replaced": torch.cuda.current_device is not original_current_device,
     "clip_replaced": megatron_optimizer.clip_grad_by_total_norm_fp32 is not original_clip,
+    "model_code_leaves_the_mode": model_code_probe(),
 }))
 """
 
@@ -42,14 +64,14 @@ def test_gpu_without_transformer_engine_gets_only_the_te_adaptations():
     state = _probe("gpu-without-te")
     assert state == {"uses_te": False, "cuda_adapted": False, "te_general_gemm_defined": True,
                      "norm_weight_sequence_parallel": True, "current_device_replaced": False,
-                     "clip_replaced": False}
+                     "clip_replaced": False, "model_code_leaves_the_mode": None}
 
 
 def test_cpu_gets_both_kinds():
     state = _probe("cpu")
     assert state == {"uses_te": False, "cuda_adapted": True, "te_general_gemm_defined": True,
                      "norm_weight_sequence_parallel": True, "current_device_replaced": True,
-                     "clip_replaced": True}
+                     "clip_replaced": True, "model_code_leaves_the_mode": ["cpu", "refused", "cpu", "refused"]}
 
 
 def test_alltoall_dispatcher_without_cuda_is_said(tmp_path, caplog):
