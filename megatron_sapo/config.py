@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import types
 import typing
@@ -24,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, InterpolationResolutionError,
                               OmegaConfBaseException, ValidationError)
 
+from .atomic import write_atomic
 from .data.config import DataConfig
 from .losses.advantages import ADVANTAGE_ESTIMATORS
 from .losses.config import LossConfig, check_choice
@@ -278,9 +278,4 @@ def _escape_interpolations(value):
 
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(dump_yaml(cfg))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, dump_yaml(cfg))

@@ -7,7 +7,8 @@
 Each stage is a component of loop/ that owns its state. Who does what under torchrun / srun: every rank holds its
 part of the Megatron policy and takes part in the learner's forwards and updates, the weight export and the
 checkpoint (collectives). Global rank 0 alone runs the rollout side (the engine and the reward pool) and the run
-recorder; the other ranks hold do-nothing stand-ins, and rank 0's batch reaches them by one broadcast per step.
+recorder; the other ranks hold do-nothing stand-ins, and rank 0's batch reaches them by one broadcast per step
+(pickled in host memory: token ids, masks, engine log-probs and advantages, about 13 bytes per token, on every rank).
 
 Synchronous by default: each step's batch is sampled by the weights of the step before. With trainer.max_staleness
 K > 0 the rollout side generates ahead, beside training (loop/async_rollouts.py): the batch of step n is sampled by

@@ -95,6 +95,9 @@ class AsyncRollouts(Rollouts):
 
     def state(self) -> tuple[dict, dict]:
         with self._cond:
+            if self._busy:
+                self.say(f"waiting for the batch of step {self._next_index + 1}, in generation, to keep it with the "
+                         "checkpoint")
             self._wait(self._made_up_to(self.version + self.max_staleness + 1))
             return super().state()
 
