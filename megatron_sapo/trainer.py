@@ -150,14 +150,15 @@ class Trainer:
         rolled = time.monotonic()
         metrics = {**rollout.metrics, **self.learner.update(rollout.batch, index)}
         trained = time.monotonic()
-        self.publisher.publish(index + 1, self.rollouts)
+        engine_wait = self.publisher.publish(index + 1, self.rollouts)
         synced = time.monotonic()
         self.step = index + 1
         if metrics["train/skipped_updates"]:
             self.say(f"step {self.step}: {metrics['train/skipped_updates']:.0f} update(s) skipped "
                      "(non-finite loss or gradient norm)")
+        # time/sync_s includes time/sync_wait_s: asynchronous, the new weights wait for the batch in generation
         metrics.update({"time/rollout_s": rolled - began, "time/train_s": trained - rolled,
-                        "time/sync_s": synced - trained, "time/step_s": synced - began,
+                        "time/sync_s": synced - trained, "time/sync_wait_s": engine_wait, "time/step_s": synced - began,
                         "throughput/tokens_per_s": metrics["rollout/tokens"] / max(synced - began, 1e-9)})
         return metrics
 

@@ -81,7 +81,8 @@ def test_embedded_run_tracks_checkpoints_and_resumes(demo, tmp_path):
     assert [s for s, _ in rewards] == [1, 2, 3] and all(0 <= v <= 1 for _, v in rewards)
     assert [s for s, _ in steps_of(client, run, "eval/pass_at_1")] == [0, 2, 3]
     for key in ("reward/std", "response/length_mean", "gate/weight_mean", "ratio/max", "clip/frac", "train/grad_norm",
-                "train/lr", "time/rollout_s", "time/train_s", "time/sync_s", "throughput/tokens_per_s"):
+                "train/lr", "time/rollout_s", "time/train_s", "time/sync_s", "time/sync_wait_s",
+                "throughput/tokens_per_s"):
         assert [s for s, _ in steps_of(client, run, key)] == [1, 2, 3], key
     assert all(v == 0 for _, v in steps_of(client, run, "rollout/stale_frac"))
     assert [v for _, v in steps_of(client, run, "rollout/staleness")] == [0, 0, 0]  # synchronous: the default

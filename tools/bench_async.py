@@ -37,9 +37,9 @@ SGLANG_PYTHON = os.environ.get("SAPO_SGLANG_PYTHON", str(REPO / ".venv-sglang" /
 
 def run_side(demo: Path, out: Path, args, staleness: int) -> list[dict]:
     overrides = [f"output_dir={out}", f"policy.model_path={demo / 'model'}",
-                 f"data.train_files=[{demo / 'train.jsonl'}]", f"data.eval_files=[{demo / 'eval.jsonl'}]", f"trainer.steps={args.steps}",
-                 f"trainer.eval_every={args.eval_every}", "trainer.checkpoint_every=0", "tracking.enabled=false",
-                 f"trainer.max_staleness={staleness}", f"rollout.engine={args.engine}",
+                 f"data.train_files=[{demo / 'train.jsonl'}]", f"data.eval_files=[{demo / 'eval.jsonl'}]",
+                 f"trainer.steps={args.steps}", f"trainer.eval_every={args.eval_every}", "trainer.checkpoint_every=0",
+                 "tracking.enabled=false", f"trainer.max_staleness={staleness}", f"rollout.engine={args.engine}",
                  f"data.prompts_per_step={args.prompts_per_step}", *args.overrides]
     if args.engine == "sglang":
         overrides.append(f"rollout.sglang.python={SGLANG_PYTHON}")
@@ -69,6 +69,7 @@ def summary(rows: list[dict], warmup: int) -> dict:
             "s per step (median)": statistics.median(r["time/step_s"] for r in timed),
             "  generating a batch s": mean("time/generate_s"), "  waiting for the batch s": mean("time/rollout_s"),
             "  train s": mean("time/train_s"), "  weight sync s": mean("time/sync_s"),
+            "    of it waiting for the engine s": mean("time/sync_wait_s"),
             "tokens/s": sum(r["rollout/tokens"] for r in timed) / sum(r["time/step_s"] for r in timed),
             "staleness (mean)": statistics.fmean(r["rollout/staleness"] for r in steps),
             f"reward/mean, first {k} steps": statistics.fmean(rewards[:k]),

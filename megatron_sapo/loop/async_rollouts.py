@@ -85,13 +85,16 @@ class AsyncRollouts(Rollouts):
         rollout.metrics["time/rollout_s"] = time.monotonic() - began
         return rollout
 
-    def load_weights(self, version: int, apply) -> None:
+    def load_weights(self, version: int, apply) -> float:
+        began = time.monotonic()
         with self._cond:
             self._wait(self._made_up_to(version + self.max_staleness))
+            waited = time.monotonic() - began
             with self._engine_lock:
                 apply(self.engine)
             self.version = version
             self._cond.notify_all()
+        return waited
 
     def state(self) -> tuple[dict, dict]:
         with self._cond:

@@ -46,14 +46,14 @@ class WeightPublisher:
         self.folder = folder
         return folder
 
-    def publish(self, step: int, rollouts) -> None:
-        """Hand the weights after `step` RL steps to the engine as version str(step) (collective)."""
+    def publish(self, step: int, rollouts) -> float:
+        """Hand the weights after `step` RL steps to the engine as version str(step) (collective); returns the
+        seconds spent waiting for the engine to be free for them."""
         if not self.distributed:
             folder = self.export(step)
-            rollouts.load_weights(step, lambda engine: engine.update_weights(folder, str(step)))
-            return
+            return rollouts.load_weights(step, lambda engine: engine.update_weights(folder, str(step)))
         state = self.policy.hf_state_dict()  # collective; the full tensors on rank 0
-        rollouts.load_weights(step, lambda engine: self._broadcast(engine, state, step))
+        return rollouts.load_weights(step, lambda engine: self._broadcast(engine, state, step))
 
     def _broadcast(self, engine, state: dict, step: int) -> None:
         from ..rollout.sglang import SGLangError

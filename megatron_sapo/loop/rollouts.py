@@ -10,8 +10,8 @@ by version max(0, j - K) when asynchronous with K = max_staleness (`AsyncRollout
 Per-step rollout metrics: rewards (over every sample drawn, dynamic-sampling rounds included), lengths, tokens,
 `rollout/staleness` (weight versions between the sampling weights and the trained policy), `rollout/stale_frac`
 (completions that carry another version than the one their batch was sampled for: a weight update that did not
-take), the SGLang engine's request retries and server restarts during the batch, and the timings
-`time/generate_s` (making the batch) and `time/rollout_s` (how long the step waited for it).
+take), the SGLang engine's request retries and server restarts during the batch, and `time/generate_s` (making
+the batch, beside training when asynchronous).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class NoRollouts:
     def next(self, index: int) -> None:
         return None
 
-    def load_weights(self, version: int, apply) -> None:
-        pass
+    def load_weights(self, version: int, apply) -> float:
+        return 0.0
 
     def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
         return {}, []
@@ -126,11 +126,13 @@ class Rollouts:
         rollout.metrics["time/rollout_s"] = time.monotonic() - began
         return rollout
 
-    def load_weights(self, version: int, apply) -> None:
-        """Let `apply(engine)` load the weights of `version` into the engine."""
+    def load_weights(self, version: int, apply) -> float:
+        """Let `apply(engine)` load the weights of `version` into the engine; returns the seconds it waited for the
+        engine first (asynchronous: for the batches the old weights are due to sample)."""
         with self._engine_lock:
             apply(self.engine)
             self.version = version
+        return 0.0
 
     def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
         """pass@1 and mean reward on the held-out prompts under the engine's current weights, and the completions

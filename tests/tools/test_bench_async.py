@@ -27,5 +27,6 @@ def test_both_sides_run_and_the_table_adds_up(demo, tmp_path):
             rows[match.group(1).strip()] = match.groups()[1:]
     sync, ahead, ratio = (float(v) for v in rows["s per step (mean)"])
     assert sync > 0 and ahead > 0 and ratio == pytest.approx(ahead / sync, rel=0.02, abs=0.01)
-    assert float(rows["staleness (mean)"][0]) == 0 and float(rows["staleness (mean)"][1]) == pytest.approx(2 / 3)
+    staleness = [float(v) for v in rows["staleness (mean)"][:2]]  # printed to 4 digits
+    assert staleness[0] == 0 and staleness[1] == pytest.approx(2 / 3, abs=1e-3)
     assert "expected step-time ratio from the synchronous parts" in run.stdout
