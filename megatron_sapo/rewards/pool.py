@@ -4,8 +4,12 @@ A reward function is user code (or sympy on adversarial input): it may raise, ha
 garbage. Any of that must cost the one sample, never the training run, and be counted so that it shows in the
 metrics. `multiprocessing.Pool` and `concurrent.futures.ProcessPoolExecutor` cannot do that: neither can stop one
 hung call (the first leaves the worker busy for ever, the second breaks the whole executor when a worker dies).
-So each worker here is one process with one pipe and at most one call in flight; the parent waits on all pipes at
-once and, when a call passes its deadline, kills that worker (SIGKILL) and starts a replacement.
+So each worker here is one process with one pipe; the parent waits on all pipes at once and, when a call passes its
+deadline, kills that worker (SIGKILL) and starts a replacement. A worker is sent several samples ahead (up to
+IN_FLIGHT_BYTES of them, at least one), so it goes from one call to the next without waiting for the parent: the
+round trip per sample (two process wake-ups) is paid once per batch of them instead. It computes them in order, so
+the oldest unanswered sample is the one running: its deadline starts when the previous answer arrives, and when it
+passes, that sample is timed out and the ones queued behind it go to other workers (or the replacement).
 
 Costs: per sample, one pickled message each way. Workers are started with "spawn", because the parent holds torch
 threads (and on a GPU node a CUDA context) that a forked child must not inherit. A spawned worker re-imports the
@@ -39,6 +43,9 @@ from .registry import resolve_reward
 MAX_ERRORS = 5  # error messages kept per batch: enough to diagnose, bounded for logs
 MAX_ERROR_CHARS = 300
 STARTUP_TIMEOUT_S = 120.0  # a worker that has not imported its reward function by then is an error, not a hang
+# samples sent ahead to a worker, by size: well below a pipe's buffer (64 KiB on Linux), so that sending them never
+# blocks the parent on a worker that hangs
+IN_FLIGHT_BYTES = 16 << 10
 
 OUTCOMES = ("ok", "raised", "timed_out", "invalid", "crashed")
 
@@ -107,7 +114,7 @@ def _worker_main(conn, function_name: str, function_kwargs: dict) -> None:
 
 
 class _Worker:
-    """One worker process, its pipe, and the sample it is computing (None when idle)."""
+    """One worker process, its pipe, and the samples sent to it and not answered yet (the first one is running)."""
 
     def __init__(self, config: RewardConfig) -> None:
         self.conn, child_conn = _CONTEXT.Pipe()
@@ -122,8 +129,9 @@ class _Worker:
         child_conn.close()
         self.ready = False
         self.startup_deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        self.index: int | None = None
-        self.deadline = math.inf
+        self.sent: deque[int] = deque()
+        self.sent_bytes = 0
+        self.deadline = math.inf  # of the running sample
 
     def kill(self) -> None:
         self.process.kill()
@@ -198,49 +206,70 @@ class RewardPool:
         remaining = len(tasks)
         while remaining:
             for worker in self._workers:
-                if worker.ready and worker.index is None and pending:
-                    worker.index = pending.popleft()
-                    worker.conn.send((worker.index, *tasks[worker.index]))
-                    worker.deadline = time.monotonic() + self.config.timeout_s
+                while worker.ready and pending and (not worker.sent or worker.sent_bytes + _size(tasks[pending[0]])
+                                                    <= IN_FLIGHT_BYTES):
+                    index = pending.popleft()
+                    if not worker.sent:
+                        worker.deadline = time.monotonic() + self.config.timeout_s
+                    worker.sent.append(index)
+                    worker.sent_bytes += _size(tasks[index])
+                    worker.conn.send((index, *tasks[index]))
             next_deadline = min(w.deadline if w.ready else w.startup_deadline for w in self._workers)
             timeout = None if next_deadline == math.inf else max(0.0, next_deadline - time.monotonic())
             readable = wait([w.conn for w in self._workers], timeout=timeout)
             for slot, worker in enumerate(self._workers):
                 if worker.conn in readable:
-                    remaining -= self._receive(slot, worker, results)
+                    remaining -= self._receive(slot, worker, results, tasks, pending)
             now = time.monotonic()
             for slot, worker in enumerate(self._workers):
                 if not worker.ready and now > worker.startup_deadline:
                     raise RuntimeError(f"a reward worker did not start within {STARTUP_TIMEOUT_S:g} s")
-                if worker.index is not None and now > worker.deadline:
-                    results[worker.index] = ("timed_out", f"timed out after {self.config.timeout_s:g} s")
-                    self._replace(slot)
+                if worker.sent and now > worker.deadline:
+                    results[worker.sent[0]] = ("timed_out", f"timed out after {self.config.timeout_s:g} s")
+                    self._replace(slot, pending)
                     remaining -= 1
         return results
 
-    def _receive(self, slot: int, worker: _Worker, results: list) -> int:
-        """Handle one message (or the death) of a worker; returns how many samples it finished (0 or 1)."""
-        try:
-            message = worker.conn.recv()
-        except (EOFError, OSError):
-            worker.process.join()
-            if not worker.ready:
-                raise RuntimeError(f"a reward worker exited during start-up (exit code {worker.process.exitcode})")
-            index = worker.index
-            if index is not None:
-                results[index] = ("crashed", f"worker died (exit code {worker.process.exitcode})")
-            self._replace(slot)
-            return 0 if index is None else 1
-        if message[0] == "ready":
-            worker.ready = True
-            return 0
-        if message[0] == "init_failed":
-            raise RuntimeError(f"a reward worker could not load {self.config.function!r}: {message[1]}")
-        index, outcome, payload = message
-        results[index] = (outcome, payload)
-        worker.index, worker.deadline = None, math.inf
-        return 1
+    def _receive(self, slot: int, worker: _Worker, results: list, tasks: list, pending: deque) -> int:
+        """Handle the messages (or the death) of a worker; returns how many samples it finished."""
+        finished = 0
+        while True:
+            try:
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                worker.process.join()
+                if not worker.ready:
+                    raise RuntimeError(f"a reward worker exited during start-up (exit code "
+                                       f"{worker.process.exitcode})") from None
+                if worker.sent:
+                    results[worker.sent[0]] = ("crashed", f"worker died (exit code {worker.process.exitcode})")
+                    finished += 1
+                self._replace(slot, pending)
+                return finished
+            if message[0] == "ready":
+                worker.ready = True
+            elif message[0] == "init_failed":
+                raise RuntimeError(f"a reward worker could not load {self.config.function!r}: {message[1]}")
+            else:
+                index, outcome, payload = message
+                results[index] = (outcome, payload)
+                worker.sent.popleft()
+                worker.sent_bytes -= _size(tasks[index])
+                worker.deadline = time.monotonic() + self.config.timeout_s if worker.sent else math.inf
+                finished += 1
+            if not worker.conn.poll():
+                return finished
 
-    def _replace(self, slot: int) -> None:
-        self._workers[slot].kill()
+    def _replace(self, slot: int, pending: deque | None = None) -> None:
+        """A new worker in `slot`; the samples the old one had queued behind its first go back to `pending`."""
+        worker = self._workers[slot]
+        if pending is not None:
+            pending.extendleft(reversed(list(worker.sent)[1:]))
+        worker.kill()
         self._workers[slot] = _Worker(self.config)
+
+
+def _size(task: tuple[str, str, dict]) -> int:
+    """About the pickled size of a task (its texts; `extra` is usually small)."""
+    completion, answer, extra = task
+    return len(completion) + len(answer) + 64 * len(extra) + 64

@@ -86,6 +86,21 @@ def test_pool_keeps_working_when_every_worker_hangs_or_dies(pool):
     assert rewards == [float(v) for v in range(10)] and stats.ok == 10
 
 
+def test_one_worker_takes_samples_ahead_and_times_each_on_its_own():
+    """Samples are sent to a worker ahead of its answers, but each has the whole timeout from the moment its turn
+    comes: three slow calls in a row (0.5 s each, 1.5 s together) all pass a 1 s timeout; a hang costs its sample,
+    and the samples queued behind it are computed by the replacement."""
+    config = RewardConfig(function="tests.rewards.helpers:scripted", num_workers=1, timeout_s=TIMEOUT_S,
+                          failure_reward=FAILURE)
+    with RewardPool(config) as pool:
+        samples = echo(range(12))
+        samples[2:5] = [("slow", str(i), {}) for i in (2, 3, 4)]
+        samples[7] = ("hang", "7", {})
+        rewards, stats = pool.score(samples)
+    assert rewards == [FAILURE if i == 7 else float(i) for i in range(12)]
+    assert (stats.ok, stats.timed_out) == (11, 1)
+
+
 def test_workers_ignore_the_signals_meant_for_the_parent(pool):
     """Slurm signals every process of a job step (SIGUSR1 before the time limit, SIGTERM on scancel) and Ctrl-C
     reaches the process group: the trainer decides what they mean, the workers carry on."""
