@@ -320,8 +320,8 @@ def _versions() -> str:
 
 def table(ours: dict, trl: dict, updates: int, ahead: dict | None = None) -> str:
     """Ours, TRL and TRL / ours; with `ahead` (ours with asynchronous rollouts) two more columns at the right."""
-    def ratio(a, b):
-        return f"{b / a:.2f}" if a and b else "-"
+    def ratio(a, b):  # none for a part that is not on the step's path (asynchronous: the rollout's wait, ~0)
+        return f"{b / a:.2f}" if a and b and a >= 1e-3 else "-"
 
     head = f"{'':<40}{'megatron_sapo':>16}{'TRL GRPOTrainer(sapo)':>24}{'ratio (TRL / ours)':>21}"
     if ahead is not None:
