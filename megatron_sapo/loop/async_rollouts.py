@@ -75,14 +75,12 @@ class AsyncRollouts(Rollouts):
         return lambda: self._next_index >= index and not self._busy
 
     def next(self, index: int) -> Rollout:
-        began = time.monotonic()
         with self._cond:
             self._wait(lambda: index in self._ready)
             rollout = self._ready.pop(index)
         if index - rollout.version > self.max_staleness:  # the pipeline's invariant: never trained on
             raise RuntimeError(f"the batch of step {index + 1} was sampled by weight version {rollout.version}, "
                                f"more than trainer.max_staleness={self.max_staleness} behind")
-        rollout.metrics["time/rollout_s"] = time.monotonic() - began
         return rollout
 
     def load_weights(self, version: int, apply) -> float:

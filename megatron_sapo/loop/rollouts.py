@@ -121,10 +121,7 @@ class Rollouts:
 
     def next(self, index: int) -> Rollout:
         """The batch of step index `index`."""
-        began = time.monotonic()
-        rollout = self._ready.pop(index, None) or self._make(index)
-        rollout.metrics["time/rollout_s"] = time.monotonic() - began
-        return rollout
+        return self._ready.pop(index, None) or self._make(index)
 
     def load_weights(self, version: int, apply) -> float:
         """Let `apply(engine)` load the weights of `version` into the engine; returns the seconds it waited for the
