@@ -3,7 +3,13 @@ The CPU default (no server to start); the same output contract as the SGLang eng
 
 Prompts are left-padded into one batch and each is sampled n times (num_return_sequences). Log-probs are taken from
 the raw logits of each step divided by the temperature (engine.py's convention), so they do not depend on top-p /
-top-k. Updating weights reloads the model from a new folder and tags later completions with its version.
+top-k, and gathered step by step (`_StepLogProbs`, a forward hook on the model): each decoding step's input is the
+token sampled from the step before's logits. Memory: one step's [rows, V] log-probs beside the model's own
+logits of that step, independent of the number of generated tokens (asking generate for output_logits would hold
+[rows, tokens, V]: 79 GB for 512 rows x 256 tokens at V = 151,936). Sampling follows only the call's parameters:
+the model folder's generation_config (a repetition penalty, other defaults) is not applied, since the trainer's
+log-probs know nothing of it. Updating weights reloads the model from a new folder and tags later completions with
+its version.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class EmbeddedEngine:
             raise ValueError(f"cannot load the model in {model_dir}: {err}") from err
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        model.generation_config = transformers.GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                                                pad_token_id=tokenizer.pad_token_id)
         tokenizer.padding_side = "left"
         self.tokenizer, self.model, self.version, self.model_dir = tokenizer, model, version, model_dir
 
@@ -59,16 +67,20 @@ class EmbeddedEngine:
     def _generate_batch(self, prompts, n, params):
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        result = self.model.generate(
-            **enc, do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None,
-            max_new_tokens=params.max_new_tokens, num_return_sequences=n, return_dict_in_generate=True,
-            output_logits=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            stop_strings=list(params.stop) or None, tokenizer=tok if params.stop else None,
-        )
+        steps = _StepLogProbs(params.temperature)
+        handle = self.model.register_forward_hook(steps, with_kwargs=True)
+        try:
+            sequences = self.model.generate(
+                **enc, do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                top_k=params.top_k or None, max_new_tokens=params.max_new_tokens, num_return_sequences=n,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                stop_strings=list(params.stop) or None, tokenizer=tok if params.stop else None,
+            )
+        finally:
+            handle.remove()
         prompt_len = enc["input_ids"].shape[1]
-        generated = result.sequences[:, prompt_len:]
-        logits = torch.stack(result.logits, dim=1).float() / params.temperature  # [B*n, steps, V]
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, generated[..., None])[..., 0]
+        generated = sequences[:, prompt_len:]
+        logprobs = steps.finish(generated[:, -1:])  # [B*n, steps]
         completions = []
         for row in range(generated.shape[0]):
             prompt_index = row // n
@@ -92,3 +104,27 @@ class EmbeddedEngine:
         if any(text.endswith(s) for s in params.stop):
             return ids, "stop"
         return ids, "length"
+
+
+class _StepLogProbs:
+    """A forward hook on the model during generate: the log-probs under softmax(logits / temperature) of each
+    sampled token. A call's input (with the KV cache, the one new token per row) was sampled from the previous call's
+    last-position logits, so each call gathers the previous one's log-probs at its input and keeps its own for the
+    next; `finish` gathers the last step's at the final tokens. Holds one step's [rows, V] log-probs at a time."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None  # [rows, V]
+        self.gathered: list[torch.Tensor] = []  # [rows, 1] per step
+
+    def __call__(self, module, args, kwargs, output):
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        if self.previous is not None:
+            self.gathered.append(self.previous.gather(-1, ids[:, -1:]))
+        logits = output.logits[:, -1, :].float() / self.temperature
+        self.previous = torch.log_softmax(logits, dim=-1)
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        self.gathered.append(self.previous.gather(-1, last_tokens))
+        self.previous = None
+        return torch.cat(self.gathered, dim=1)

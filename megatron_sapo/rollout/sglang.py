@@ -219,7 +219,10 @@ class SGLangEngine:
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[list[Completion]]:
         check_prompts(prompts, n)
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        # every parameter that changes the distribution is sent: a server may otherwise take its defaults from the
+        # model's generation_config (a repetition penalty, min_p), which the trainer's log-probs know nothing of
         sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or -1,
+                    "min_p": 0.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
                     "max_new_tokens": params.max_new_tokens, "stop": list(params.stop)}
         jobs = []
         for i, ids in enumerate(prompt_ids):

@@ -105,3 +105,82 @@ def test_bad_input_is_named(models, tmp_path):
         SamplingParams(stop="x")
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder"):
         EmbeddedEngine(tmp_path)
+
+
+def test_the_model_folders_sampling_defaults_are_not_applied(models, tmp_path):
+    """A generation_config.json asking for greedy decoding, a repetition penalty, min_p and suppressed tokens changes
+    nothing: the call's parameters alone decide the distribution, the one the trainer's log-probs are computed
+    under."""
+    import json
+    import shutil
+
+    folder = tmp_path / "opinionated"
+    shutil.copytree(models / "v0", folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(do_sample=False, top_k=1, repetition_penalty=3.0, min_p=0.9, suppress_tokens=list(range(100, 300)))
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    engine = EmbeddedEngine(folder)
+    (group,) = engine.generate(["3142:"], 6, SamplingParams(max_new_tokens=8, seed=0))
+    assert len({tuple(c.output_ids) for c in group}) > 1  # sampled, not greedy
+    for c in group:
+        torch.testing.assert_close(torch.tensor(c.output_logprobs, dtype=torch.float64),
+                                   _teacher_forced(folder, c, 1.0), rtol=0, atol=2e-5)
+    # the same draws as plain multinomial sampling from softmax(logits) of the folder without those defaults
+    import transformers
+
+    plain = transformers.AutoModelForCausalLM.from_pretrained(models / "v0").eval()
+    ids = torch.tensor([group[0].prompt_ids])
+    torch.manual_seed(0)
+    expected = plain.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, num_return_sequences=6,
+                              max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                              pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=engine.tokenizer.eos_token_id)
+    for c, row in zip(group, expected[:, ids.shape[1]:].tolist()):
+        assert c.output_ids == row[:len(c.output_ids)]
+
+
+PEAK_PROBE = r"""
+import json, sys, torch
+from megatron_sapo.rollout import EmbeddedEngine, SamplingParams
+torch.set_num_threads(1)
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+engine = EmbeddedEngine(sys.argv[1])
+params = SamplingParams(max_new_tokens=int(sys.argv[2]), seed=0)
+engine.generate(["3142:"], 2, SamplingParams(max_new_tokens=2, seed=0))  # allocator warm
+open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from now
+before = rss("VmRSS:")
+out = engine.generate(["3142:", "90:", "hello", "77:"], 8, params)
+print(json.dumps({"extra": rss("VmHWM:") - before, "tokens": max(len(c.output_ids) for g in out for c in g)}))
+"""
+
+
+def test_log_probs_need_one_steps_vocab_not_all_steps(tmp_path):
+    """A 151,936-token vocabulary (Qwen3's), 32 rows: asking generate for every step's logits would hold 32 x tokens x
+    V floats (0.9 GB at 48 tokens, and as much again for their log-softmax); gathered per step, the peak extra memory
+    of the call is a few [32, V] tensors of one step (sampling's own top-p sort and softmax among them: measured
+    ~150 MB, 7.7 x [32, V] in fp32) and adds less than 3 of them (58 MB) from 12 to 48 tokens, where all steps'
+    logits would add 36."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tiny_models().build("qwen3", tmp_path / "model", vocab_size=151_936, hidden_size=32, intermediate_size=32,
+                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    peaks = {}
+    for tokens in (12, 48):
+        # a fixed mmap threshold: glibc then returns every freed large block at once, so that the peak RSS counts
+        # what was alive together (its adaptive threshold would keep freed per-step blocks in the heap)
+        run = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(tmp_path / "model"), str(tokens)],
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
+        assert run.returncode == 0, run.stderr[-3000:]
+        peaks[tokens] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert peaks[48]["tokens"] == 48  # a random model over 151,936 ids does not sample its EOS this early
+    rows_x_vocab = 32 * 151_936 * 4
+    assert peaks[48]["extra"] < 12 * rows_x_vocab, peaks  # 233 MB, against 0.9 GB for all steps' logits alone
+    assert peaks[48]["extra"] - peaks[12]["extra"] < 3 * rows_x_vocab, peaks
