@@ -7,8 +7,8 @@
 Each stage is a component of loop/ that owns its state. Who does what under torchrun / srun: every rank holds its
 part of the Megatron policy and takes part in the learner's forwards and updates, the weight export and the
 checkpoint (collectives). Global rank 0 alone runs the rollout side (the engine and the reward pool) and the run
-recorder; the other ranks hold do-nothing stand-ins, and rank 0's batch reaches them by one broadcast per step
-(pickled in host memory: token ids, masks, engine log-probs and advantages, about 13 bytes per token, on every rank).
+recorder; the other ranks hold do-nothing stand-ins, and rank 0's batch reaches them as tensors each step
+(loop.rollouts.broadcast_rollout: about 13 bytes per token on every rank).
 
 Synchronous by default: each step's batch is sampled by the weights of the step before. With trainer.max_staleness
 K > 0 the rollout side generates ahead, beside training (loop/async_rollouts.py): the batch of step n is sampled by
@@ -33,7 +33,7 @@ from .loop.checkpointer import Checkpointer, Resumed
 from .loop.learner import Learner
 from .loop.publisher import WeightPublisher
 from .loop.recorder import NoRecorder, RunRecorder
-from .loop.rollouts import NoRollouts, Rollouts
+from .loop.rollouts import NoRollouts, Rollouts, broadcast_rollout
 from .policy import parallel
 from .policy.policy import Policy
 from .progress import Progress
@@ -146,7 +146,9 @@ class Trainer:
         """One RL step: its rollout batch, the updates on it, the new weights to the engine."""
         index = self.step
         began = time.monotonic()
-        rollout = self._broadcast(self.rollouts.next(index))
+        rollout = self.rollouts.next(index)
+        if dist.get_world_size() > 1:
+            rollout = broadcast_rollout(rollout, parallel.cpu_world_group())
         rolled = time.monotonic()
         metrics = {**rollout.metrics, **self.learner.update(rollout.batch, index)}
         trained = time.monotonic()
@@ -174,13 +176,6 @@ class Trainer:
         if state is not None:
             state.update(self.recorder.state())
         return self.checkpointer.save(self.step, state, attachments)
-
-    def _broadcast(self, obj):
-        if dist.get_world_size() == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=parallel.cpu_world_group())  # pickled in host memory
-        return box[0]
 
     def _stop_agreed(self) -> bool:
         flag = torch.tensor([float(self.stop_requested)], device=self.policy.device)
