@@ -51,9 +51,9 @@ class Rollout:
 
 def broadcast_rollout(rollout: Rollout | None, group) -> Rollout:
     """Global rank 0's rollout on every rank of `group` (a CPU / gloo group holding rank 0, which passes its rollout;
-    the others pass None). The batch travels as tensors: one broadcast of its index, version and shape [B, S], then one per tensor (the
-    response mask as uint8); only the step's small metrics dict is pickled. Memory: the batch once per rank, about
-    13 bytes per token (token ids 8, mask 1, engine log-prob 4), plus 4 bytes per row."""
+    the others pass None). The batch travels as tensors: one broadcast of its index, version and shape [B, S], then
+    one per tensor (the response mask as uint8); only the step's small metrics dict is pickled. Memory: the batch
+    once per rank, about 13 bytes per token (token ids 8, mask 1, engine log-prob 4), plus 4 bytes per row."""
     import torch.distributed as dist
 
     main = dist.get_rank() == 0
