@@ -28,25 +28,53 @@ class WeightMismatchError(ValueError):
     """The HF weights do not fit the Megatron model (missing, unused or mis-shaped tensors)."""
 
 
-def read_safetensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF folder (single file or sharded with model.safetensors.index.json)."""
-    from safetensors.torch import load_file
+class SafetensorsFolder:
+    """The tensors of a HF folder (one model.safetensors, or shards listed by model.safetensors.index.json), read
+    lazily: the names come from the files' headers, a tensor is read only when it is asked for, so a rank reads only
+    the tensors it owns. safetensors maps the files: a tensor it returns is backed by file pages (page cache, shared by
+    the ranks of a node and reclaimable), not by a private copy. Use as a context manager (the files stay open
+    inside)."""
 
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (model_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = model_dir / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is listed in the index but missing")
-        tensors.update(load_file(str(path)))
-    return tensors
+    def __init__(self, model_dir: str | Path):
+        from safetensors import safe_open
+
+        model_dir = Path(model_dir)
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (model_dir / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+        self._files, self._where = [], {}
+        for name in files:
+            path = model_dir / name
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is listed in the index but missing")
+            handle = safe_open(str(path), framework="pt")
+            self._files.append(handle)
+            self._where.update({key: handle for key in handle.keys()})
+
+    def __enter__(self) -> SafetensorsFolder:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._files, self._where = [], {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+
+def read_safetensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a HF folder (single file or sharded with model.safetensors.index.json), in memory."""
+    with SafetensorsFolder(model_dir) as folder:
+        return {name: folder[name] for name in folder.keys()}
 
 
 class Layout:
@@ -180,8 +208,15 @@ def _megatron_params(model) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_hf_weights(model, arch: HFArchitecture, model_dir: str | Path, padded_vocab: int) -> None:
-    """Fill this rank's model from the HF folder; WeightMismatchError on anything that does not fit exactly."""
-    tensors = read_safetensors(model_dir)
+    """Fill this rank's model from the HF folder; WeightMismatchError on anything that does not fit exactly.
+    Each rank reads only the HF tensors of its own parameters, one parameter at a time. Memory: the tensors are
+    mapped file pages (shared page cache); the private (anonymous) memory a load adds is one parameter's shard being
+    built (a padded vocabulary, a fused qkv), whatever the model's size."""
+    with SafetensorsFolder(model_dir) as tensors:
+        _load(model, arch, tensors, model_dir, padded_vocab)
+
+
+def _load(model, arch: HFArchitecture, tensors: SafetensorsFolder, model_dir, padded_vocab: int) -> None:
     lay = Layout(arch, model.config)
     problems: list[str] = []
     for name, param in _megatron_params(model).items():
@@ -199,7 +234,7 @@ def load_hf_weights(model, arch: HFArchitecture, model_dir: str | Path, padded_v
                             f"{tuple(param.shape)}")
             continue
         param.copy_(value.to(param.dtype))
-    unexpected = sorted(set(tensors) - set(hf_keys(arch)))
+    unexpected = sorted(set(tensors.keys()) - set(hf_keys(arch)))
     if unexpected:
         problems.append(f"tensors this {arch.model_type} model does not have: {', '.join(unexpected[:5])}")
     if problems:
