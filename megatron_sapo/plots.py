@@ -57,11 +57,9 @@ def plot_history(history: History, out_dir: str | Path) -> list[Path]:
     for ax in axes[len(panels):]:
         ax.remove()
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     image = io.BytesIO()
     figure.savefig(image, format="png", dpi=110)
-    return [write_atomic(out_dir / OVERVIEW, image.getvalue())]
+    return [write_atomic(Path(out_dir) / OVERVIEW, image.getvalue())]
 
 
 def _draw_panel(ax, title: str, left: tuple[str, ...], right: tuple[str, ...], history: History) -> None:

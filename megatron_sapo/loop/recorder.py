@@ -74,7 +74,8 @@ class RunRecorder:
         save_config(cfg, self.out / "config.yaml")
         print(dump_yaml(cfg), end="", flush=True)
         self._drop_cut_line()
-        self._lines = len(read_rows(self.path))
+        rows = read_rows(self.path)
+        self._lines = len(rows)
         self.tracker = None
         if cfg.tracking.enabled:
             # a resumed run continues its MLflow run, also one created after its checkpoint was written
@@ -82,7 +83,7 @@ class RunRecorder:
             self.tracker = Tracker(cfg.tracking, self.out, run_id=run_id)
             self.tracker.log_params(flatten(to_dict(cfg)))
             self.tracker.log_artifact(self.out / "config.yaml")
-            self._fill_in(resumed)
+            self._fill_in(resumed, rows)
 
     def _drop_cut_line(self) -> None:
         """A line the last job did not finish writing (it crashed) goes, so that new lines start on their own."""
@@ -95,14 +96,14 @@ class RunRecorder:
             with self.path.open("r+b") as f:
                 f.truncate(data.rfind(b"\n") + 1)
 
-    def _fill_in(self, resumed) -> None:
-        """Send MLflow the lines of metrics.jsonl it missed, up to the resumed step (later ones are redone); a new
-        run (nothing resumed) starts after the lines of earlier runs in this output dir."""
+    def _fill_in(self, resumed, rows: list[dict]) -> None:
+        """Send MLflow the lines of metrics.jsonl (`rows`) it missed, up to the resumed step (later ones are redone);
+        a new run (nothing resumed) starts after the lines of earlier runs in this output dir."""
         if resumed.path is None:
             self.tracker.set_mark(self._lines)
             return
         sent = self.tracker.sent_mark() or 0
-        missed = [(number, row) for number, row in enumerate(read_rows(self.path), 1)
+        missed = [(number, row) for number, row in enumerate(rows, 1)
                   if number > sent and row.get("step", math.inf) <= resumed.step]
         if missed:
             self.say(f"sending MLflow the metrics of {len(missed)} logged steps it has not received")

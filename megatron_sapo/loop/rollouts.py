@@ -174,9 +174,10 @@ class Rollouts:
         return metrics, rows
 
     def state(self) -> tuple[dict, dict]:
-        """The loop state a checkpoint keeps (the sampler position) and its attachments (batches made ahead)."""
-        return {"sampler": self.sampler.state_dict()}, \
-            {QUEUE_FILE: [self._ready[i].to_state() for i in sorted(self._ready)]}
+        """The loop state a checkpoint keeps (the sampler position) and its attachments (batches made ahead, when
+        there are any)."""
+        ahead = [self._ready[i].to_state() for i in sorted(self._ready)]
+        return {"sampler": self.sampler.state_dict()}, ({QUEUE_FILE: ahead} if ahead else {})
 
     def close(self) -> None:
         if self.engine is not None:
