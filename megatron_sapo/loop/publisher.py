@@ -1,31 +1,40 @@
 """The weight publisher: the one owner of the weights the rollout engine serves.
 
 After each RL step the policy's weights reach the engine under the version str(step), by one of two transports:
-- disk (the embedded engine; SGLang with rollout.sglang.weight_sync = disk): the policy is exported as a versioned
-  Hugging Face folder weights/step_XXXXXXXX (collective: every rank gathers to rank 0, which writes it atomically)
-  and the engine loads it; the two newest folders are kept (a restarted SGLang server reloads the newest).
-- distributed (SGLang): the full HF state dict is gathered on rank 0 and broadcast to the servers over a process
-  group in buckets (rollout/weight_sync.py); when the group fails, this step falls back to a folder and the group is
-  formed anew at the next publish.
+- disk (the embedded engine; SGLang with rollout.sglang.weight_sync = disk): the policy is exported as a versioned,
+  sharded Hugging Face folder weights/step_XXXXXXXX (policy/hf_export.py: each pipeline stage's sender writes its
+  own shards as the tensors stream, atomically) and the engine loads it; the two newest folders are kept (a restarted
+  SGLang server reloads the newest).
+- distributed (SGLang): each pipeline stage's sender (policy/hf_stream.py) forms a weight-update group of its own with
+  the servers (rollout/weight_sync.py) and streams its stage's buckets straight into them, so every stage's weights
+  arrive and no rank holds more than the stream's bound. Global rank 0 opens one update session on the servers, the
+  stages send side by side, and rank 0's last bucket, sent after every stage has finished, sets the new version and
+  flushes the servers' cache: a generation never sees a mix of versions under the new tag. When any sender fails,
+  every rank agrees on it, the groups are closed, this step syncs through a folder, and the groups are formed anew at
+  the next publish.
 The engine is updated through the rollout side, which decides when it may change weights (with asynchronous
-rollouts it waits until the batches the old weights are due to generate are done).
+rollouts it waits until the batches the old weights are due to generate are done); every rank takes part then
+(rank 0 with the engine, the others without).
 
-Memory: both transports hold the full model's HF tensors on rank 0 for the length of the publish (fp32 on the CPU
-recipes; the policy's dtype otherwise); the other ranks hold only their shards.
+Memory: the stream's bound on every rank (one bucket being filled on a sender, one in flight to the servers), never
+the model; on the disk path the same, with the bucket written to its shard instead.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..policy.hf_weights import write_hf_folder
+from ..policy.hf_stream import sender_stage
+from ..policy.parallel import cpu_world_group
 
 KEEP_FOLDERS = 2
+GROUP_NAME = "megatron_sapo_weights"
 
 
 class WeightPublisher:
@@ -33,7 +42,8 @@ class WeightPublisher:
         self.policy, self.cfg, self.say = policy, cfg, say
         self.root = Path(out) / "weights"
         self.folder: Path | None = None  # the newest exported folder (rank 0's engine loads from here)
-        self.group = None  # the distributed transport's process group with the servers, formed at the first use
+        self.group = None  # this rank's weight-update group with the servers (senders only), formed at first use
+        self.formed = False  # every sender has its group
         sc = cfg.rollout.sglang
         self.distributed = cfg.rollout.engine == "sglang" and sc.weight_sync == "distributed"
 
@@ -49,41 +59,118 @@ class WeightPublisher:
     def publish(self, step: int, rollouts) -> float:
         """Hand the weights after `step` RL steps to the engine as version str(step) (collective); returns the
         seconds spent waiting for the engine to be free for them."""
-        if not self.distributed:
-            folder = self.export(step)
-            return rollouts.load_weights(step, lambda engine: engine.update_weights(folder, str(step)))
-        state = self.policy.hf_state_dict()  # collective; the full tensors on rank 0
-        return rollouts.load_weights(step, lambda engine: self._broadcast(engine, state, step))
+        if self.distributed:
+            return rollouts.load_weights(step, lambda engine: self._stream(engine, step))
+        folder = self.export(step)
+        return rollouts.load_weights(step, lambda engine: self._load_folder(engine, folder, step))
 
-    def _broadcast(self, engine, state: dict, step: int) -> None:
+    @staticmethod
+    def _load_folder(engine, folder: Path, step: int) -> None:
+        if engine is not None:  # rank 0
+            engine.update_weights(folder, str(step))
+
+    # ---- the distributed transport (every rank; `engine` on rank 0 only) -------------------------------------------
+
+    def _stream(self, engine, step: int) -> None:
         from ..rollout.sglang import SGLangError
 
+        main = dist.get_rank() == 0
         try:
-            if self.group is None:
-                self.group = self._form_group(engine)
-            self.group.update(state.items(), str(step))
-            return
+            self._form_groups(engine)
+            if main:
+                self.group.open_session()
         except SGLangError as err:
-            self.say(f"distributed weight sync failed ({err}); syncing through a folder this step")
+            failed = _agree(str(err))
+        else:
+            failed = _agree(None)  # the session is open before any stage sends
+        if not failed:
+            failed = self._send_stages(step)
+        if failed:
+            self.say(f"distributed weight sync failed ({failed}); syncing through a folder this step")
             self.close()
-        self.folder = self.root / f"step_{step:08d}"
-        write_hf_folder(state, self.folder, self.cfg.policy.model_path)
-        self._prune()
-        engine.update_weights(self.folder, str(step))
+            self._load_folder(engine, self.export(step), step)
 
-    def _form_group(self, engine):
+    def _send_stages(self, step: int) -> str | None:
+        """Every sender streams its stage; rank 0 keeps its last bucket back and sends it, with the version, once
+        every stage is done. Returns the agreed failure, if any."""
+        from ..rollout.sglang import SGLangError
+
+        main, error, held, sent = dist.get_rank() == 0, None, None, 0
+        for bucket in self.policy.hf_buckets(self.cfg.rollout.sglang.bucket_mb << 20):
+            if error is not None:
+                continue  # keep taking part in the stream's gathers
+            try:
+                if main and held is not None:
+                    sent += self.group.send(held, sent_before=sent)
+                if main:
+                    held = bucket
+                else:
+                    sent += self.group.send(bucket, sent_before=sent)
+            except (SGLangError, ValueError) as err:
+                error = err
+        failed = _agree(None if error is None else f"{type(error).__name__}: {error}")
+        if main:
+            try:
+                if not failed:
+                    self.group.send(held, str(step), sent_before=sent)
+            except SGLangError as err:
+                failed = str(err)
+            finally:
+                self.group.close_session(best_effort=failed is not None)
+        failed = _agree(failed)
+        if failed and "ValueError" in failed:  # not a transport failure: the served model is not this one
+            raise ValueError(f"distributed weight sync: {failed}")
+        return failed
+
+    def _form_groups(self, engine) -> None:
+        """Each sender forms its group with the servers, one stage after another (a server forms one group at a
+        time, and each formation opens its own warm-up session)."""
+        from ..rollout.sglang import SGLangError
+
+        if self.formed:
+            return
+        box = [(engine.urls, socket.gethostname()) if engine is not None else None]
+        dist.broadcast_object_list(box, src=0, group=cpu_world_group())
+        urls, main_host = box[0]
+        stages = [None] * dist.get_world_size()
+        dist.all_gather_object(stages, sender_stage(self.policy.module, self.policy.arch), group=cpu_world_group())
+        mine, error = sender_stage(self.policy.module, self.policy.arch), None
+        for stage in sorted(s for s in stages if s is not None):
+            if mine == stage and error is None:
+                try:
+                    self.group = self._form_group(urls, stage, main_host)
+                except SGLangError as err:
+                    error = str(err)
+            error = _agree(error)
+        if error:
+            raise SGLangError(error)
+        self.formed = True
+
+    def _form_group(self, urls: list[str], stage: int, main_host: str):
         from ..rollout.weight_sync import WeightUpdateGroup
 
         sc = self.cfg.rollout.sglang
-        return WeightUpdateGroup(engine.urls, master_address=sc.master_address or os.environ.get(
-            "MASTER_ADDR", "127.0.0.1"), backend="nccl" if torch.cuda.is_available() else "gloo",
-            bucket_bytes=sc.bucket_mb << 20, reference_dir=self.folder)
+        address = sc.master_address or os.environ.get("MASTER_ADDR", "127.0.0.1")
+        if socket.gethostname() != main_host:  # a sender on another node: the servers reach it at its own address
+            address = socket.gethostbyname(socket.gethostname())
+        return WeightUpdateGroup(urls, master_address=address, backend="nccl" if torch.cuda.is_available() else "gloo",
+                                 group_name=f"{GROUP_NAME}_pp{stage}", bucket_bytes=sc.bucket_mb << 20,
+                                 reference_dir=self.folder)
 
     def _prune(self) -> None:
         for old in sorted(self.root.glob("step_*"))[:-KEEP_FOLDERS]:
             shutil.rmtree(old, ignore_errors=True)
 
     def close(self) -> None:
+        """Close this rank's group, if any (not collective: each sender closes its own)."""
         if self.group is not None:
             self.group.close()
             self.group = None
+        self.formed = False
+
+
+def _agree(error: str | None) -> str | None:
+    """The first rank's error, on every rank (collective over all ranks): a failure on one stage stops them all."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error, group=cpu_world_group())
+    return next((e for e in errors if e is not None), None)

@@ -83,6 +83,7 @@ class NoRollouts:
         return None
 
     def load_weights(self, version: int, apply) -> float:
+        apply(None)  # no engine here, but this rank takes part in what apply does collectively
         return 0.0
 
     def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
@@ -149,7 +150,8 @@ class Rollouts:
 
     def load_weights(self, version: int, apply) -> float:
         """Let `apply(engine)` load the weights of `version` into the engine; returns the seconds it waited for the
-        engine first (asynchronous: for the batches the old weights are due to sample)."""
+        engine first (asynchronous: for the batches the old weights are due to sample). The other ranks call
+        apply(None) at once and meet rank 0 in its collectives."""
         with self._engine_lock:
             apply(self.engine)
             self.version = version

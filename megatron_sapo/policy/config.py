@@ -40,6 +40,9 @@ class PolicyConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # 0 disables clipping
     use_distributed_optimizer: bool = False
+    # HF export (policy/hf_export.py): safetensors shard size (Hugging Face's default, 5 GB) and the stream's bucket
+    export_shard_mb: int = 5000
+    export_bucket_mb: int = 512
 
     def __post_init__(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
@@ -49,7 +52,8 @@ class PolicyConfig:
         check_choice("params_dtype", self.params_dtype, PARAMS_DTYPES)
         check_choice("moe_token_dispatcher", self.moe_token_dispatcher, MOE_DISPATCHERS)
         check_choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
-        _check_size("micro_batch_size", self.micro_batch_size)
+        for name in ("micro_batch_size", "export_shard_mb", "export_bucket_mb"):
+            _check_size(name, getattr(self, name))
         for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:

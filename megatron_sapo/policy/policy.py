@@ -21,7 +21,9 @@ from ..ops import fused_linear_logprobs, fused_linear_policy_loss
 from . import cpu_compat, parallel
 from .config import PolicyConfig
 from .hf_config import read_hf_config
-from .hf_weights import export_hf, gather_hf_state_dict, load_hf_weights
+from .hf_export import export_hf
+from .hf_stream import hf_buckets
+from .hf_weights import load_hf_weights
 from .model import build_model, padded_vocab_size
 
 
@@ -407,13 +409,28 @@ class Policy:
             out[f"moe/{name}"] = entry["values"].sum().item() / moe_layers
         return out
 
-    def export_hf(self, out_dir) -> None:
-        """Write the current weights as a HF folder (collective; rank 0 writes, atomically)."""
-        export_hf(self.module, self.arch, out_dir, self.cfg.model_path)
+    def export_hf(self, out_dir):
+        """Write the current weights as a sharded HF folder, streamed (policy/hf_export.py: every stage's sender
+        writes its own shards, one bucket in memory at a time; atomic). Collective; returns the folder."""
+        return export_hf(self.module, self.arch, out_dir, self.cfg.model_path,
+                         shard_bytes=self.cfg.export_shard_mb * 1000**2, bucket_bytes=self.cfg.export_bucket_mb << 20)
+
+    def hf_buckets(self, bucket_bytes: int):
+        """The current weights as HF-named tensors in buckets, on each pipeline stage's sender (policy/hf_stream.py).
+        Collective: every rank iterates it to the end."""
+        return hf_buckets(self.module, self.arch, bucket_bytes)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The current weights as full HF-named tensors on global rank 0 (None elsewhere); collective."""
-        return gather_hf_state_dict(self.module, self.arch)
+        """Every HF tensor of the current weights, cloned, on global rank 0 (None elsewhere); collective. For checks
+        on small models: rank 0 holds the whole model (the weight-moving paths stream instead)."""
+        from .parallel import cpu_world_group
+
+        mine = {name: tensor.cpu().clone() for bucket in self.hf_buckets(64 << 20) for name, tensor in bucket}
+        if dist.get_world_size() == 1:
+            return mine
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, parts, dst=0, group=cpu_world_group())
+        return {name: tensor for part in parts for name, tensor in part.items()} if parts else None
 
 
 def _merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:

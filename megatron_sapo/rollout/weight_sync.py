@@ -1,8 +1,10 @@
-"""Weight sync by broadcast: the trainer's rank 0 streams Hugging Face-named tensors straight into every SGLang
-server's model over a torch process group (NCCL on GPU clusters, gloo on CPU), with nothing written to disk. The disk
-path (SGLangEngine.update_weights) stays the simple default; this one saves writing and re-reading the whole model.
+"""Weight sync by broadcast: a trainer process streams Hugging Face-named tensors straight into every SGLang server's
+model over a torch process group (NCCL on GPU clusters, gloo on CPU), with nothing written to disk. The disk path
+(SGLangEngine.update_weights) stays the simple default; this one saves writing and re-reading the whole model. With
+pipeline parallelism each stage's sender forms a group of its own with the servers (a distinct group_name) and
+sends its stage's tensors inside one update session that a single process opens and closes (loop/publisher.py).
 
-Forming the group (WeightUpdateGroup(...), once): rank 0 is the trainer; server i's TP workers take ranks
+Forming the group (WeightUpdateGroup(...), once): the sending process is rank 0; server i's TP workers take ranks
 offset_i .. offset_i + tp_i - 1. Inside POST /init_weights_update_group SGLang builds its side as a TCPStore client at
 master_address:master_port, wrapped in PrefixStore(group_name), handed to torch's private _new_process_group_helper
 (a new group beside the server's default one). The trainer builds the same chain, hosting the store, so the store
@@ -14,7 +16,8 @@ Forming ends with one warm-up collective (the smallest served tensor, sent with 
 communicators at the first collective, so a group that cannot carry data fails inside the formation timeout, where the
 trainer falls back to a folder, instead of at the first real bucket.
 
-An update (update(named_tensors, version)): POST /begin_weight_update to each server; then, per bucket (consecutive
+An update (update(named_tensors, version) for a single sender; open_session / send / close_session when several
+senders share the session): POST /begin_weight_update to each server; then, per bucket (consecutive
 tensors of one dtype, at most bucket_bytes unless one tensor alone is larger), one POST
 /update_weights_from_distributed per server with the names, dtypes and shapes, and ONE broadcast of the bucket's bytes
 from rank 0 (SGLang's "flattened_bucket" format); the last bucket also sets weight_version and flushes the cache; then
@@ -40,31 +43,15 @@ import math
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
+from ..buckets import NamedTensors, buckets
 from .sglang import SGLangError, _control, _get_json
 
 BACKENDS = ("nccl", "gloo")
-NamedTensors = Iterable[tuple[str, torch.Tensor]]
-
-
-def buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Consecutive runs of tensors of one dtype, at most `bucket_bytes` each (a larger tensor travels alone). One dtype
-    per bucket keeps every tensor's byte offset aligned, as SGLang's flattened receive requires."""
-    bucket, size = [], 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and (tensor.dtype != bucket[0][1].dtype or size + nbytes > bucket_bytes):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
 
 
 def served_shapes(model_dir: str | Path) -> dict[str, list[int]]:
@@ -205,27 +192,51 @@ class WeightUpdateGroup:
         else:
             self._await(answers, doing)
 
-    def update(self, named_tensors: NamedTensors, version: str) -> None:
-        """Load (name, tensor) pairs, Hugging Face names as in the exported safetensors, on every server; later
-        responses carry `version`. The pairs may be a generator: only two buckets are held at a time."""
+    def open_session(self) -> None:
+        """Open an update session on every server (SGLang takes weights only between its begin and end calls); one
+        session may carry the tensors of several groups (one per pipeline stage's sender)."""
+        self._check_usable()
+        self._control_all("/begin_weight_update", {}, "opening an update in")
+
+    def _check_usable(self) -> None:
         if self._group is None or self.broken is not None:
             state = "closed" if self._group is None else f"unusable: {self.broken}"
             raise SGLangError(f"weight-update group {self.group_name!r} is {state}")
-        self._control_all("/begin_weight_update", {}, "opening an update in")
-        sent = 0
+
+    def close_session(self, *, best_effort: bool = False) -> None:
+        """Close the servers' update session (best effort: after a failed transfer, this group's or another's)."""
+        self._control_all("/end_weight_update", {}, "closing an update in",
+                          best_effort=best_effort or self.broken is not None)
+
+    def send(self, named_tensors: NamedTensors, version: str | None = None, *, sent_before: int = 0) -> int:
+        """Load (name, tensor) pairs, Hugging Face names as in the served safetensors, on every server, inside an
+        open session (of this group or another's), in buckets of at most bucket_bytes; `version` (on the last bucket)
+        sets the servers' weight version and flushes their cache. Returns how many tensors were sent. Checked against
+        the served model before anything moves; `sent_before` (tensors of this update already loaded) only makes the
+        error say that the servers now hold a partial update."""
+        self._check_usable()
+        parts = list(buckets(named_tensors, self.bucket_bytes))
+        for part in parts:
+            self._check(part, sent_before)
+        for i, part in enumerate(parts):
+            self._send(part, version if i == len(parts) - 1 else None)
+        return sum(len(part) for part in parts)
+
+    def update(self, named_tensors: NamedTensors, version: str) -> None:
+        """One sender's whole update: open a session, send every (name, tensor) pair (a generator is consumed as
+        it goes: two buckets are held at a time), the last bucket with `version`, close the session."""
+        self.open_session()
+        sent, staged = 0, None
         try:
-            staged = None
             for bucket in buckets(named_tensors, self.bucket_bytes):
-                self._check(bucket, sent)
                 if staged is not None:
-                    self._send(staged, None)
-                    sent += len(staged)
+                    sent += self.send(staged, sent_before=sent)
                 staged = bucket
             if staged is None:
                 raise ValueError("no tensors to send")
-            self._send(staged, version)
+            self.send(staged, version, sent_before=sent)
         finally:
-            self._control_all("/end_weight_update", {}, "closing an update in", best_effort=self.broken is not None)
+            self.close_session()
 
     def _check(self, bucket: list[tuple[str, torch.Tensor]], sent: int) -> None:
         partial = (f"; {sent} tensors were already loaded: the servers hold a partial update under the old version"

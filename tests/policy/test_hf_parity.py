@@ -9,7 +9,8 @@ import torch
 from megatron_sapo.policy import parallel
 from megatron_sapo.policy.config import PolicyConfig
 from megatron_sapo.policy.hf_config import read_hf_config
-from megatron_sapo.policy.hf_weights import WeightMismatchError, export_hf, load_hf_weights, read_safetensors
+from megatron_sapo.policy.hf_export import export_hf
+from megatron_sapo.policy.hf_weights import WeightMismatchError, load_hf_weights, read_safetensors
 from megatron_sapo.policy.model import build_model, padded_vocab_size
 
 from .harness import megatron_logits, tiny_models, token_log_probs
@@ -89,7 +90,7 @@ def test_export_round_trips_exactly_and_loads_in_transformers(tmp_path, arch, ti
     out = tmp_path / "export"
     out.mkdir()
     (out / "stale.txt").write_text("replaced atomically")
-    export_hf(model, info, out, tmp_path / "src")
+    export_hf(model, info, out, tmp_path / "src", shard_bytes=64 << 10)  # several shards
     assert not (out / "stale.txt").exists() and not list(tmp_path.glob(".export.*"))
     assert (out / "config.json").read_text() == (tmp_path / "src" / "config.json").read_text()
     exported = read_safetensors(out)
