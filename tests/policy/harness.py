@@ -1,7 +1,10 @@
-"""Shared pieces of the policy tests: tiny HF models, a Megatron forward on one rank, the transformers reference."""
+"""Shared pieces of the policy tests: tiny HF models, a Megatron forward on one rank, the transformers reference, the
+peak extra memory of a piece of work and the weight stream's memory bound."""
 
 import importlib.util
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -9,6 +12,8 @@ import torch
 from megatron_sapo.policy.policy import causal_mask
 
 REPO = Path(__file__).resolve().parents[2]
+MB = 1 << 20
+SLACK = 8 * MB
 
 
 def tiny_models():
@@ -30,3 +35,46 @@ def token_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, vocab: int) -
     """log p(token t+1 | tokens <= t) in float64, from logits over (at least) the real vocab."""
     logp = torch.log_softmax(logits[..., :vocab].double(), dim=-1)
     return logp[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]
+
+
+def _anon() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class PeakExtra:
+    """The peak of RssAnon above its value at entry, polled every 0.5 ms on a thread."""
+
+    def __enter__(self):
+        self.base, self.peak, self._done = _anon(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._done.is_set():
+            self.peak = max(self.peak, _anon() - self.base)
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _anon() - self.base)
+
+
+def stream_bound(policy, bucket_bytes: int, buckets: int = 2) -> int:
+    """The stated bound of policy/hf_stream.py on this layout: `buckets` buckets (one being filled, the consumer's),
+    twice the full pieces of the largest parameter (x EP for an expert one: the pieces and their concatenation),
+    and slack for the allocator and gloo's buffers."""
+    from megatron.core import parallel_state as ps
+
+    largest = 0
+    for name, p in policy.module.named_parameters():
+        expert = "local_experts" in name
+        parts = ps.get_expert_tensor_parallel_world_size() if expert else ps.get_tensor_model_parallel_world_size()
+        copies = parts * (ps.get_expert_model_parallel_world_size() if expert else 1)
+        largest = max(largest, p.numel() * p.element_size() * copies)
+    return buckets * bucket_bytes + 2 * largest + SLACK

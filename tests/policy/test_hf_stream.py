@@ -15,8 +15,6 @@ rank 0's export 12-18 MB at 4 layers, 23 MB at 8; with it, 8 MB at both).
 
 import json
 import os
-import threading
-import time
 
 import pytest
 import torch
@@ -26,13 +24,11 @@ from megatron_sapo.policy.hf_export import INDEX, ShardWriter, shard_layout
 from megatron_sapo.policy.hf_stream import TensorSpec
 from megatron_sapo.policy.parallel import spawn_local
 
-from .harness import tiny_models
+from .harness import MB, PeakExtra, stream_bound, tiny_models
 from .test_train_step import checkpoint_names
 
-MB = 1 << 20
 BUCKET = 1 * MB
 SHARD = 16 * MB
-SLACK = 8 * MB
 LAYOUTS = {"tp2pp2": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
            "ep2pp2": dict(expert_model_parallel_size=2, pipeline_model_parallel_size=2),
            "tp2ep2": dict(tensor_model_parallel_size=2, expert_model_parallel_size=2)}
@@ -73,48 +69,6 @@ def test_the_streaming_writer_gives_a_file_safetensors_reads_and_refuses_the_unp
         writer.close()
     with pytest.raises(ValueError, match="has no safetensors name"):
         ShardWriter(tmp_path / "c.safetensors", [_spec("z", 2, dtype=torch.complex64)])
-
-
-def _anon() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
-class PeakExtra:
-    """The peak of RssAnon above its value at entry, polled every 0.5 ms on a thread."""
-
-    def __enter__(self):
-        self.base, self.peak, self._done = _anon(), 0, threading.Event()
-        self._thread = threading.Thread(target=self._poll)
-        self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._done.is_set():
-            self.peak = max(self.peak, _anon() - self.base)
-            time.sleep(0.0005)
-
-    def __exit__(self, *exc):
-        self._done.set()
-        self._thread.join()
-        self.peak = max(self.peak, _anon() - self.base)
-
-
-def stream_bound(policy, bucket_bytes: int) -> int:
-    """The stated bound of policy/hf_stream.py on this layout: two buckets (one filled, one in use), the full
-    pieces of the largest parameter (x EP for an expert one), and slack for the allocator and gloo's buffers."""
-    from megatron.core import parallel_state as ps
-
-    largest = 0
-    for name, p in policy.module.named_parameters():
-        expert = "local_experts" in name
-        parts = ps.get_expert_tensor_parallel_world_size() if expert else ps.get_tensor_model_parallel_world_size()
-        copies = parts * (ps.get_expert_model_parallel_world_size() if expert else 1)
-        largest = max(largest, p.numel() * p.element_size() * copies)
-    return 2 * bucket_bytes + 2 * largest + SLACK
 
 
 def _worker(rank, root):
