@@ -2,6 +2,7 @@
 
   train  RL training from a YAML config with dotted overrides (one process, or under torchrun / srun)
   plot   PNG training curves of a run, read from its metrics.jsonl
+  export a run's checkpoint as a Hugging Face folder (one process, or under torchrun / srun in any layout)
   info   what this installation has: versions, CUDA, the optional accelerators
   gate   SAPO's gate value f(r) and gradient weight w(r) for given ratios and temperatures
 """
@@ -92,6 +93,24 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .config import split_override
+    from .policy.checkpoint import CheckpointError
+    from .policy.convert import export_checkpoint
+
+    overrides = {}
+    for text in args.overrides:
+        key, value = split_override(text)
+        if not key.startswith("policy."):
+            raise ValueError(f"override {text!r}: only policy.* options apply to an export")
+        overrides[key.removeprefix("policy.")] = value
+    try:
+        export_checkpoint(args.output_dir, args.hf_out, checkpoint=args.checkpoint, overrides=overrides)
+    except CheckpointError as err:
+        raise ValueError(str(err)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-sapo",
@@ -117,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="folder for the PNG files (default: output_dir/plots)")
     plot.set_defaults(func=cmd_plot)
 
+    export = sub.add_parser(
+        "export", help="write a run's checkpoint as a Hugging Face folder (sharded safetensors + index)",
+        description="Export the newest checkpoint of a training run (or --checkpoint PATH) as a Hugging Face folder "
+        "that transformers and SGLang load, streamed: no process holds more than its shard of the model and a "
+        "bucket. Run it as one process, or under torchrun / srun with a layout given as policy.* overrides.")
+    export.add_argument("output_dir", help="the run's output_dir (its checkpoints/ folder is read)")
+    export.add_argument("hf_out", help="the folder to write (replaced atomically if it holds an earlier export)")
+    export.add_argument("--checkpoint", help="a checkpoint folder (checkpoints/step_XXXXXXXX) instead of the newest")
+    export.add_argument("overrides", nargs="*", metavar="policy.KEY=VALUE",
+                        help="layout and export options, e.g. policy.tensor_model_parallel_size=2 "
+                        "policy.export_shard_mb=2000")
+    export.set_defaults(func=cmd_export)
+
     info = sub.add_parser("info", help="print versions, CUDA availability and the optional accelerators")
     info.set_defaults(func=cmd_info)
 
@@ -130,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also follow an option (export OUT HF --checkpoint P policy.x=1)
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command is None:
         parser.print_help()
         return 0

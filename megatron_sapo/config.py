@@ -98,7 +98,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     if path is not None:
         _update(cfg, "", _read_yaml(Path(path)))
     for text in overrides:
-        _update(cfg, *_split_override(text), override=text)
+        _update(cfg, *split_override(text), override=text)
     return _instantiate(cfg)
 
 
@@ -114,7 +114,7 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _split_override(text: str) -> tuple[str, object]:
+def split_override(text: str) -> tuple[str, object]:
     """'a.b=value' -> ('a.b', value read as YAML, as a config file's values are)."""
     key, sep, raw = text.partition("=")
     key = key.strip()

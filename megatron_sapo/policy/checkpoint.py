@@ -174,25 +174,36 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(policy, path: str | Path) -> dict:
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of the checkpoint at `path` (model identity, policy config, step); CheckpointError if absent."""
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path} is not a megatron_sapo checkpoint (no {MANIFEST}): incomplete or damaged")
+    try:
+        return json.loads(manifest_path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{manifest_path} is damaged: {err}") from err
+
+
+def load_checkpoint(policy, path: str | Path, *, model_only: bool = False) -> dict:
     """Load model, optimizer, scheduler, step and (same world size) RNG states into `policy` (collective); return
-    the `extra` dict saved with it."""
+    the `extra` dict saved with it. model_only: the weights alone (an export needs nothing else)."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path} is not a megatron_sapo checkpoint (no {MANIFEST}): incomplete or damaged")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(path)
     ours = _model_identity(policy)
     diff = {k: (manifest["model"].get(k), v) for k, v in ours.items() if manifest["model"].get(k) != v}
     if diff:
         details = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in sorted(diff.items())[:5])
         raise CheckpointError(f"{path} holds another model ({details})")
-    template = _sharded_state(policy, is_loading=True)
     same_world = _same_world(manifest)
-    if not same_world:
-        template.pop("rng")
+    if model_only:
+        template = {"model": policy.model.module.sharded_state_dict()}
+    else:
+        template = _sharded_state(policy, is_loading=True)
+        if not same_world:
+            template.pop("rng")
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
@@ -204,6 +215,8 @@ def load_checkpoint(policy, path: str | Path) -> dict:
         cause = str(err).strip().splitlines()[-1] if str(err).strip() else ""
         raise CheckpointError(f"cannot load {path}: {type(err).__name__}: {cause}") from err
     policy.model.module.load_state_dict(state["model"])
+    if model_only:
+        return manifest.get("extra", {})
     if _layout_free_optimizer(policy):
         _restore_optimizer_state(policy, state["optimizer"])
     else:

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_sapo.rollout.sglang import SGLangError
-from megatron_sapo.rollout.weight_sync import WeightUpdateGroup, buckets, served_shapes
+from megatron_sapo.buckets import buckets
+from megatron_sapo.rollout.weight_sync import WeightUpdateGroup, served_shapes
 
 
 def test_buckets_keep_order_one_dtype_and_the_size_bound():
