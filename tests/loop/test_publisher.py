@@ -13,9 +13,10 @@ import os
 import pytest
 import torch
 
+from megatron_sapo.memory import PeakMemory
 from megatron_sapo.policy.parallel import spawn_local
 
-from ..policy.harness import MB, PeakExtra, stream_bound, tiny_models
+from ..policy.harness import MB, stream_bound, tiny_models
 from ..rollout.test_sglang import PYTHON, cpu_server
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -87,7 +88,7 @@ def _worker(rank, root, url):
     publisher.export(0)  # the folder the servers' tensor names and shapes are checked against
     _train(policy, 2, seed=0)
     stale = _served_against_trainer(policy, engine, None, 1)  # the server still has the source weights
-    with PeakExtra() as sync:
+    with PeakMemory() as sync:
         publisher.publish(2, rollouts)
     distributed = _served_against_trainer(policy, engine, "2", 2)
     _train(policy, 1, seed=1)
@@ -96,7 +97,7 @@ def _worker(rank, root, url):
     disk = _served_against_trainer(policy, engine, "3", 3)
     publisher.close()
     with open(os.path.join(root, f"result-{rank}.json"), "w") as f:
-        json.dump({"said": said, "stale": stale, "distributed": distributed, "disk": disk, "sync": sync.peak,
+        json.dump({"said": said, "stale": stale, "distributed": distributed, "disk": disk, "sync": sync.anon,
                    "bound": stream_bound(policy, MB, buckets=3)}, f)
 
 

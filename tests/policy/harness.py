@@ -1,10 +1,8 @@
 """Shared pieces of the policy tests: tiny HF models, a Megatron forward on one rank, the transformers reference, the
-peak extra memory of a piece of work and the weight stream's memory bound."""
+weight stream's memory bound."""
 
 import importlib.util
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -35,34 +33,6 @@ def token_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, vocab: int) -
     """log p(token t+1 | tokens <= t) in float64, from logits over (at least) the real vocab."""
     logp = torch.log_softmax(logits[..., :vocab].double(), dim=-1)
     return logp[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]
-
-
-def _anon() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
-class PeakExtra:
-    """The peak of RssAnon above its value at entry, polled every 0.5 ms on a thread."""
-
-    def __enter__(self):
-        self.base, self.peak, self._done = _anon(), 0, threading.Event()
-        self._thread = threading.Thread(target=self._poll)
-        self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._done.is_set():
-            self.peak = max(self.peak, _anon() - self.base)
-            time.sleep(0.0005)
-
-    def __exit__(self, *exc):
-        self._done.set()
-        self._thread.join()
-        self.peak = max(self.peak, _anon() - self.base)
 
 
 def stream_bound(policy, bucket_bytes: int, buckets: int = 2) -> int:

@@ -22,9 +22,10 @@ from safetensors import safe_open
 
 from megatron_sapo.policy.hf_export import INDEX, ShardWriter, shard_layout
 from megatron_sapo.policy.hf_stream import TensorSpec
+from megatron_sapo.memory import PeakMemory
 from megatron_sapo.policy.parallel import spawn_local
 
-from .harness import MB, PeakExtra, stream_bound, tiny_models
+from .harness import MB, stream_bound, tiny_models
 from .test_train_step import checkpoint_names
 
 BUCKET = 1 * MB
@@ -82,13 +83,13 @@ def _worker(rank, root):
         src = os.path.join(root, size)
         policy = Policy(PolicyConfig(model_path=src, export_shard_mb=SHARD // 10**6, export_bucket_mb=BUCKET // MB,
                                      **LAYOUTS[layout]))
-        with PeakExtra() as load:
+        with PeakMemory() as load:
             load_hf_weights(policy.module, policy.arch, src, padded_vocab_size(policy.arch, policy.cfg))
         out = os.path.join(root, f"export-{layout}-{size}")
-        with PeakExtra() as export:
+        with PeakMemory() as export:
             policy.export_hf(out)
         with open(os.path.join(root, f"memory-{layout}-{size}-{rank}.json"), "w") as f:
-            json.dump({"load": load.peak, "export": export.peak, "bound": stream_bound(policy, BUCKET),
+            json.dump({"load": load.anon, "export": export.anon, "bound": stream_bound(policy, BUCKET),
                        "params": sum(p.numel() * p.element_size() for p in policy.module.parameters())}, f)
         del policy
 
