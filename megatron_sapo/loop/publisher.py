@@ -74,30 +74,30 @@ class WeightPublisher:
     def _stream(self, engine, step: int) -> None:
         from ..rollout.sglang import SGLangError
 
-        main = dist.get_rank() == 0
         try:
             self._form_groups(engine)
-            if main:
+            if dist.get_rank() == 0:
                 self.group.open_session()
+            opened = None
         except SGLangError as err:
-            failed = _agree(str(err))
-        else:
-            failed = _agree(None)  # the session is open before any stage sends
-        if not failed:
+            opened = str(err)
+        failed = _agree(opened)  # the session is open before any stage sends
+        if failed is None:
             failed = self._send_stages(step)
-        if failed:
+        if failed is not None:
             self.say(f"distributed weight sync failed ({failed}); syncing through a folder this step")
             self.close()
             self._load_folder(engine, self.export(step), step)
 
     def _send_stages(self, step: int) -> str | None:
         """Every sender streams its stage; rank 0 keeps its last bucket back and sends it, with the version, once
-        every stage is done. Returns the agreed failure, if any."""
+        every stage is done. Returns the agreed transport failure, if any; a tensor the served model does not have
+        (ValueError: another model is served) is raised on every rank."""
         from ..rollout.sglang import SGLangError
 
-        main, error, held, sent = dist.get_rank() == 0, None, None, 0
+        main, error, mismatch, held, sent = dist.get_rank() == 0, None, None, None, 0
         for bucket in self.policy.hf_buckets(self.cfg.rollout.sglang.bucket_mb << 20):
-            if error is not None:
+            if error is not None or mismatch is not None:
                 continue  # keep taking part in the stream's gathers
             try:
                 if main and held is not None:
@@ -106,21 +106,23 @@ class WeightPublisher:
                     held = bucket
                 else:
                     sent += self.group.send(bucket, sent_before=sent)
-            except (SGLangError, ValueError) as err:
-                error = err
-        failed = _agree(None if error is None else f"{type(error).__name__}: {error}")
+            except SGLangError as err:
+                error = str(err)
+            except ValueError as err:
+                mismatch = str(err)
+        mismatch = _agree(mismatch)
+        failed = _agree(error)
         if main:
             try:
-                if not failed:
+                if failed is None and mismatch is None:
                     self.group.send(held, str(step), sent_before=sent)
             except SGLangError as err:
                 failed = str(err)
             finally:
-                self.group.close_session(best_effort=failed is not None)
-        failed = _agree(failed)
-        if failed and "ValueError" in failed:  # not a transport failure: the served model is not this one
-            raise ValueError(f"distributed weight sync: {failed}")
-        return failed
+                self.group.close_session(best_effort=failed is not None or mismatch is not None)
+        if mismatch is not None:
+            raise ValueError(f"distributed weight sync: {mismatch}")
+        return _agree(failed)
 
     def _form_groups(self, engine) -> None:
         """Each sender forms its group with the servers, one stage after another (a server forms one group at a

@@ -31,7 +31,8 @@ class SGLangConfig:
     weight_sync: str = "disk"
     bucket_mb: int = 512  # distributed sync: bytes per broadcast
     master_address: str | None = None  # distributed sync: this host's address as the servers reach it;
-    #                                    None: $MASTER_ADDR, else 127.0.0.1
+    #                                    None: $MASTER_ADDR, else 127.0.0.1. The senders of later pipeline stages
+    #                                    on other nodes use their own host's address.
     # GPUs (indices as this process sees them) for the servers started here, split evenly between them in order;
     # they must not be the trainer's own (local ranks 0 .. LOCAL_WORLD_SIZE - 1). Unused without CUDA.
     gpus: list[int] = field(default_factory=list)
