@@ -84,17 +84,6 @@ def old_export(policy, out: Path, source: Path):
 
 # ---- one size, on every process ------------------------------------------------------------------------------------
 
-class Direct:
-    """Rank 0's side of the rollout contract the publisher uses, without a rollout loop."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def load_weights(self, version, apply):
-        apply(self.engine)
-        return 0.0
-
-
 def _measure(name: str, fn, results: dict) -> None:
     import torch.distributed as dist
 
@@ -114,7 +103,7 @@ def _worker(rank, spec):
 
     from megatron_sapo.config import load_config
     from megatron_sapo.loop.publisher import WeightPublisher
-    from megatron_sapo.loop.rollouts import NoRollouts
+    from megatron_sapo.loop.rollouts import EngineOnly, NoRollouts
     from megatron_sapo.policy.hf_weights import load_hf_weights
     from megatron_sapo.policy.model import padded_vocab_size
     from megatron_sapo.policy.policy import Policy
@@ -144,7 +133,7 @@ def _worker(rank, spec):
             engine = SGLangEngine(engine, urls=[url])
             old_group = WeightUpdateGroup([url], master_address="127.0.0.1", backend="gloo", group_name="bench_old",
                                           bucket_bytes=spec["bucket_mb"] << 20, reference_dir=src)
-        rollouts = Direct(engine) if rank == 0 else NoRollouts()
+        rollouts = EngineOnly(engine) if rank == 0 else NoRollouts()
         publisher = WeightPublisher(policy, cfg, work, say=print)
         publisher.folder = src
         version = iter(range(1, 100))

@@ -96,6 +96,18 @@ class NoRollouts:
         pass
 
 
+class EngineOnly:
+    """Rank 0's rollout side for publishing weights to an engine without a rollout loop (benchmarks, tests): the
+    weights are applied at once."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def load_weights(self, version: int, apply) -> float:
+        apply(self.engine)
+        return 0.0
+
+
 class Rollouts:
     """Synchronous rollouts (trainer.max_staleness = 0): a step's batch is sampled when the step asks for it, by the
     weights of the step before; the engine runs in the trainer's process (the embedded one) or in SGLang servers."""

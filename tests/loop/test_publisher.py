@@ -25,17 +25,6 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 PROMPTS = ["3142:", "90:", "hello"]
 
 
-class Direct:
-    """Rank 0's side of the rollout contract the publisher uses (load_weights), without a rollout loop."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def load_weights(self, version, apply):
-        apply(self.engine)
-        return 0.0
-
-
 def _train(policy, steps: int, seed: int):
     from megatron_sapo.losses import LossConfig
     from megatron_sapo.policy.policy import PolicyBatch
@@ -73,7 +62,7 @@ def _worker(rank, root, url):
 
     from megatron_sapo.config import load_config
     from megatron_sapo.loop.publisher import WeightPublisher
-    from megatron_sapo.loop.rollouts import NoRollouts
+    from megatron_sapo.loop.rollouts import EngineOnly, NoRollouts
     from megatron_sapo.policy.policy import Policy
     from megatron_sapo.rollout.sglang import SGLangEngine, _control
 
@@ -84,7 +73,7 @@ def _worker(rank, root, url):
                              "rollout.sglang.bucket_mb=1"])
     policy = Policy(cfg.policy)
     engine = SGLangEngine(transformers.AutoTokenizer.from_pretrained(src), urls=[url]) if rank == 0 else None
-    rollouts = Direct(engine) if rank == 0 else NoRollouts()
+    rollouts = EngineOnly(engine) if rank == 0 else NoRollouts()
     said = []
     publisher = WeightPublisher(policy, cfg, root, say=said.append)
     publisher.export(0)  # the folder the servers' tensor names and shapes are checked against
