@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..losses.config import check_choice
+from .routing import REPLAY_MODES
 
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 MOE_DISPATCHERS = ("allgather", "alltoall")
@@ -40,6 +41,9 @@ class PolicyConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # 0 disables clipping
     use_distributed_optimizer: bool = False
+    # MoE routing replay (policy/routing.py): none, r2 (the old-log-prob forward's experts in training) or r3 (the
+    # rollout engine's experts in the old-log-prob forward and in training)
+    routing_replay: str = "none"
     # HF export (policy/hf_export.py): safetensors shard size (Hugging Face's default, 5 GB) and the stream's bucket
     export_shard_mb: int = 5000
     export_bucket_mb: int = 512
@@ -52,6 +56,7 @@ class PolicyConfig:
         check_choice("params_dtype", self.params_dtype, PARAMS_DTYPES)
         check_choice("moe_token_dispatcher", self.moe_token_dispatcher, MOE_DISPATCHERS)
         check_choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        check_choice("routing_replay", self.routing_replay, REPLAY_MODES)
         for name in ("micro_batch_size", "export_shard_mb", "export_bucket_mb"):
             _check_size(name, getattr(self, name))
         for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):

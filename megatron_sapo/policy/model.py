@@ -74,7 +74,7 @@ def transformer_config(arch: HFArchitecture, cfg: PolicyConfig):
             moe_router_load_balancing_type="aux_loss" if coeff > 0 else "none", moe_aux_loss_coeff=coeff,
             moe_token_dispatcher_type="allgather" if on_cpu else cfg.moe_token_dispatcher,
             moe_grouped_gemm=False, moe_layer_freq=[int(x) for x in arch.moe_layers],
-            moe_router_dtype="fp32",
+            moe_router_dtype="fp32", moe_enable_routing_replay=cfg.routing_replay != "none",
         )
     return TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_heads,

@@ -25,6 +25,7 @@ from .hf_export import export_hf
 from .hf_stream import hf_buckets
 from .hf_weights import load_hf_weights
 from .model import build_model, padded_vocab_size
+from .routing import RouteTracker, Routes, fill_unknown, token_order
 
 
 @dataclass
@@ -34,12 +35,16 @@ class PolicyBatch:
     advantages: torch.Tensor  # [B] or [B, S-1]
     old_log_probs: torch.Tensor | None = None  # [B, S-1]; None: computed by the policy before the update
     rollout_log_probs: torch.Tensor | None = None  # [B, S-1] from the rollout engine, for mismatch corrections
+    # MoE routes (policy/routing.py), per micro-batch of this batch: what the old-log-prob forward's routers picked by
+    # themselves (replayed under r2, compared for routing/replay_agree), and the engine's (replayed under r3)
+    old_routes: Routes | None = None
+    engine_routes: Routes | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2 or self.input_ids.shape[1] < 2:
             raise ValueError(f"input_ids must be [batch, seq_len >= 2], got {tuple(self.input_ids.shape)}")
         predicted = (self.input_ids.shape[0], self.input_ids.shape[1] - 1)
-        for name in ("response_mask", "old_log_probs", "rollout_log_probs"):
+        for name in ("response_mask", "old_log_probs", "rollout_log_probs"):  # (the routes are checked when used)
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != predicted:
                 raise ValueError(f"{name} must be [batch, seq_len - 1] = {predicted}, got {tuple(t.shape)}")
@@ -80,6 +85,12 @@ class Policy:
         self.arch = read_hf_config(cfg.model_path)
         parallel.initialize(self.arch, cfg)
         self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        if cfg.routing_replay != "none" and not self.arch.is_moe:
+            raise ValueError(f"policy.routing_replay={cfg.routing_replay} replays MoE routes, but {cfg.model_path} "
+                             "has no MoE layers")
+        from megatron.core.transformer.moe.router_replay import RouterReplay
+
+        RouterReplay.clear_global_router_replay_instances()  # a model built before in this process registered its own
         model = build_model(self.arch, cfg, pre_process=self.first_stage, post_process=self.last_stage)
         load_hf_weights(model, self.arch, cfg.model_path, padded_vocab_size(self.arch, cfg))
         if self.last_stage:  # the model returns final-normed hidden states; the fused loss applies the output layer
@@ -118,6 +129,7 @@ class Policy:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         self._router_loads: list[torch.Tensor] = []
+        self.routes = RouteTracker(model, self.arch.num_layers) if self.arch.is_moe else None
         if self.arch.is_moe:
             self._watch_routers(model)
 
@@ -223,19 +235,30 @@ class Policy:
 
     # ---- public API ---------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def log_probs(self, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Per-token log-probs [B, S-1] of input_ids under the current weights (the old-policy forward), on every
         rank, batched in micro-batches like the update."""
+        return self.old_log_probs(input_ids, temperature)[0]
+
+    @torch.no_grad()
+    def old_log_probs(self, input_ids: torch.Tensor, temperature: float = 1.0, *,
+                      replay: Routes | None = None) -> tuple[torch.Tensor, Routes | None]:
+        """log_probs, and (MoE) what this rank's routers picked by themselves in each micro-batch: a train_step on
+        the same rows replays them under r2 and measures routing drift against them. `replay` (Routes, e.g. the
+        engine's under r3) makes the routers take those experts instead."""
         from megatron.core import parallel_state as ps
 
         mbs = self.cfg.micro_batch_size
         input_ids = input_ids.to(self.device)
         out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, device=self.device)
+        micro_batches = self._micro_batches(input_ids.shape[0])
+        self._check_routes(replay, micro_batches, "replay")
 
         def forward_step(iterator, model):
             i = next(iterator)
             ids = input_ids[i * mbs:(i + 1) * mbs]
+            if self.routes is not None:
+                self.routes.begin(i, None if replay is None else fill_unknown(replay[i]))
             with cpu_compat.model_code():
                 hidden = self._hidden(model, ids)
 
@@ -252,12 +275,49 @@ class Policy:
             return hidden, collect
 
         self.model.eval()
-        self._run(forward_step, self._micro_batches(input_ids.shape[0]), self._padded_len(input_ids), forward_only=True)
+        try:
+            self._run(forward_step, micro_batches, self._padded_len(input_ids), forward_only=True)
+        finally:
+            routes = self.routes.finish() if self.routes is not None else None
         self.model.train()
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
-        return out
+        return out, routes
+
+    def _check_routes(self, routes: Routes | None, micro_batches: int, what: str) -> None:
+        if routes is None:
+            return
+        if self.routes is None:
+            raise ValueError(f"{what} routes given, but {self.cfg.model_path} has no MoE layers")
+        if len(routes) != micro_batches or any(len(r) != len(self.routes.routers) for r in routes):
+            raise ValueError(f"{what} routes cover {len(routes)} micro-batches x "
+                             f"{len(routes[0]) if routes else 0} MoE layers; this batch has {micro_batches} x "
+                             f"{len(self.routes.routers)} on this rank")
+
+    def engine_routes(self, row_routes: torch.Tensor, input_ids: torch.Tensor) -> Routes:
+        """An engine's routes per row, [B, S, num_layers, k] aligned with input_ids (UNKNOWN where the engine has
+        none), as this rank's Routes for a batch of these rows; ValueError if they do not fit the batch or model."""
+        from megatron.core import parallel_state as ps
+
+        from .routing import check_routes, native_routes
+
+        if self.routes is None:
+            raise ValueError(f"the engine returned MoE routes, but {self.cfg.model_path} has no MoE layers")
+        check_routes(row_routes, rows=input_ids.shape[0], seq_len=input_ids.shape[1], num_layers=self.arch.num_layers,
+                     topk=self.arch.moe_topk, num_experts=self.arch.num_experts)
+        return native_routes(row_routes, self.cfg.micro_batch_size, self._padded_len(input_ids), self.routes.layers,
+                             tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+                             sequence_parallel=self.module.config.sequence_parallel)
+
+    def token_mask(self, padding: torch.Tensor, micro_batch: int) -> torch.Tensor:
+        """[tokens] bool in the routers' order: True where micro-batch `micro_batch`'s token is trained (not padding)."""
+        from megatron.core import parallel_state as ps
+
+        mbs = self.cfg.micro_batch_size
+        rows = ~padding[micro_batch * mbs:(micro_batch + 1) * mbs]
+        return token_order(rows, self._padded_len(rows), ps.get_tensor_model_parallel_world_size(),
+                           ps.get_tensor_model_parallel_rank(), self.module.config.sequence_parallel, False)
 
     def train_step(self, batch: PolicyBatch, loss_config: LossConfig, temperature: float = 1.0) -> dict[str, float]:
         """One optimizer step on the batch (gradient accumulation over its micro-batches). Returns the loss
@@ -268,11 +328,17 @@ class Policy:
         (reported as skipped = 1, loss NaN): it is never applied, and no exception stops the run."""
         from megatron.core import parallel_state as ps
 
-        batch = PolicyBatch(**{k: None if v is None else v.to(self.device) for k, v in vars(batch).items()})
-        old = batch.old_log_probs if batch.old_log_probs is not None else self.log_probs(batch.input_ids, temperature)
+        tensors = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in vars(batch).items()}
+        batch = PolicyBatch(**tensors)
+        old, old_routes = batch.old_log_probs, batch.old_routes
+        if old is None:
+            old, old_routes = self.old_log_probs(
+                batch.input_ids, temperature,
+                replay=batch.engine_routes if self.cfg.routing_replay == "r3" else None)
         mask = batch.response_mask.bool()
         padding = self.sequence_padding(mask)
         micro_batches = self._micro_batches(batch.input_ids.shape[0])
+        replay = self._replay_source(old_routes, batch.engine_routes, micro_batches)
         totals = self._global_totals(mask)
         dp = ps.get_data_parallel_world_size()
         mbs = self.cfg.micro_batch_size
@@ -282,6 +348,8 @@ class Policy:
             i = next(iterator)
             rows = slice(i * mbs, (i + 1) * mbs)
             ids = batch.input_ids[rows]
+            if self.routes is not None:
+                self.routes.begin(i, None if replay is None else fill_unknown(replay[i]))
             with cpu_compat.model_code():
                 hidden = self._hidden(model, ids, padding[rows])
 
@@ -313,7 +381,10 @@ class Policy:
             clear_aux_losses_tracker()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        self._run(forward_step, micro_batches, self._padded_len(batch.input_ids), forward_only=False)
+        try:
+            self._run(forward_step, micro_batches, self._padded_len(batch.input_ids), forward_only=False)
+        finally:
+            trained_routes = self.routes.finish() if self.routes is not None else None
         metrics = None
         if self.last_stage:
             metrics = _merge_metrics(collected)
@@ -335,7 +406,37 @@ class Policy:
                        lr=self.optimizer.param_groups[0]["lr"])
         routed = sum(1 for i in range(micro_batches) if not bool(padding[i * mbs:(i + 1) * mbs].all()))
         metrics.update(self._routing_metrics(routed))
+        if self.routes is not None:
+            metrics.update(self._route_agreement(trained_routes, old_routes, batch.engine_routes, padding))
         return metrics
+
+    def _replay_source(self, old_routes: Routes | None, engine_routes: Routes | None, micro_batches: int):
+        """The routes a training forward replays under policy.routing_replay, checked against the batch."""
+        mode = self.cfg.routing_replay
+        if mode == "none":
+            return None
+        routes = old_routes if mode == "r2" else engine_routes
+        if routes is None:
+            need = "the old-log-prob forward's routes (old_routes, from old_log_probs)" if mode == "r2" \
+                else "the rollout engine's routes (engine_routes)"
+            raise ValueError(f"policy.routing_replay={mode} needs {need} with the batch")
+        self._check_routes(routes, micro_batches, mode)
+        return routes
+
+    def _route_agreement(self, trained: Routes, old: Routes | None, engine: Routes | None,
+                         padding: torch.Tensor) -> dict[str, float]:
+        """routing/replay_agree (the training forward's own picks vs the old-log-prob forward's) and
+        routing/engine_agree (the old-log-prob forward's own picks vs the engine's), each with its worst layer;
+        collective over all ranks (policy/routing.py)."""
+        valid = [self.token_mask(padding, i) for i in range(len(trained))]
+        out = {}
+        for name, mine, reference in (("replay", trained, old), ("engine", old, engine)):
+            flag = torch.tensor([float(reference is not None)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank takes part in the sums, or none
+            if flag.item():
+                counts = self.routes.count_agreement(mine, reference, valid)
+                out.update(self.routes.agreement(counts, name, self.device))
+        return out
 
     @staticmethod
     def _reduce_over_data_parallel(metrics: dict[str, float]) -> dict[str, float]:

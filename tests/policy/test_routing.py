@@ -1,0 +1,110 @@
+"""MoE routing replay on Megatron-Core's RouterReplay (policy/routing.py), real Megatron-Core.
+
+R2 on one process and on two (EP=2, PP=2, TP=2 with sequence parallelism), two micro-batches with a padding row:
+the experts every router uses in the training forwards (read back from the routers' own output) equal those its
+old-log-prob forward picked, in the first update and in a later one after the weights moved; the first update's
+ratios are exactly 1 (within float32 rounding under TP), and routing/replay_agree is 1 there. Engine routes per row go to each rank's token order
+(sequence chunks, stages) exactly, and routes that do not fit are named errors."""
+
+import pytest
+import torch
+
+from megatron_sapo.policy.parallel import spawn_local
+from megatron_sapo.policy.routing import UNKNOWN, check_routes, native_routes, token_order
+
+from .harness import tiny_models
+
+LAYOUTS = {"ep2": dict(expert_model_parallel_size=2), "pp2": dict(pipeline_model_parallel_size=2),
+           "tp2": dict(tensor_model_parallel_size=2)}
+
+
+def _batch(vocab: int):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (4, 11), generator=g)
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    mask[0, 3:], mask[1, 4:9], mask[2, 2:] = True, True, True  # row 3: an empty (padding) row
+    return ids, mask, torch.tensor([1.0, -1.0, 0.5, 0.0])
+
+
+def _used_routes(policy):
+    """A hook on every router keeping the experts it actually used (its routing map), per call."""
+    used = []
+
+    def keep(module, inputs, output):
+        used.append(output[1].nonzero()[:, 1].view(-1, module.topk).sort(-1).values.to(torch.int16))
+    for router in policy.routes.routers:
+        router.register_forward_hook(keep)
+    return used
+
+
+def _r2_checks(model_dir, layout):
+    from megatron_sapo.losses import LossConfig
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.policy import Policy, PolicyBatch
+
+    policy = Policy(PolicyConfig(model_path=model_dir, micro_batch_size=2, lr=0.05, routing_replay="r2", **layout))
+    used = _used_routes(policy)
+    ids, mask, adv = _batch(policy.arch.vocab_size)
+    loss = LossConfig(loss_type="grpo")
+    for update in range(3):
+        old, routes = policy.old_log_probs(ids)
+        used.clear()
+        metrics = policy.train_step(PolicyBatch(ids, mask, adv, old_log_probs=old, old_routes=routes), loss)
+        flat = [r for micro in routes for r in micro]
+        assert len(used) == len(flat) > 0, (layout, len(used), len(flat))
+        for got, recorded in zip(used, flat):
+            assert torch.equal(got, recorded), (layout, update)
+        if update == 0:
+            # exact; with TP the log-prob and the loss ops reduce over the vocab shards in other orders (float32
+            # rounding, with or without replay)
+            tol = 1e-6 if layout.get("tensor_model_parallel_size", 1) > 1 else 0.0
+            assert abs(metrics["ratio/min"] - 1) <= tol and abs(metrics["ratio/max"] - 1) <= tol, (layout, metrics)
+            assert metrics["routing/replay_agree"] == 1.0, metrics
+        assert 0 <= metrics["routing/replay_agree_min_layer"] <= metrics["routing/replay_agree"] <= 1
+
+
+def test_r2_replays_the_old_forwards_routes_on_one_process(tmp_path):
+    tiny_models().build("qwen3_moe", tmp_path / "m", num_experts=8)
+    from megatron_sapo.policy import parallel
+
+    parallel.init_distributed()
+    _r2_checks(str(tmp_path / "m"), {})
+
+
+def _worker(rank, model_dir):
+    for layout in LAYOUTS.values():
+        _r2_checks(model_dir, layout)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_r2_replays_under_ep_pp_and_tp_with_sequence_parallelism(tmp_path):
+    tiny_models().build("qwen3_moe", tmp_path / "m", num_experts=8)
+    spawn_local(_worker, 2, str(tmp_path / "m"))
+
+
+def test_engine_routes_reach_each_rank_in_its_token_order():
+    b, s, layers, k = 2, 5, 3, 2
+    rows = torch.arange(b * s * layers * k, dtype=torch.int16).view(b, s, layers, k)
+    # TP=2 with sequence parallelism: the sequence is padded to 6, rank 1 routes positions 3..5 of both rows
+    routes = native_routes(rows, 2, 6, [0, 2], tp=2, tp_rank=1, sequence_parallel=True)
+    assert len(routes) == 1 and len(routes[0]) == 2
+    expected = [rows[0, 3], rows[1, 3], rows[0, 4], rows[1, 4]]  # [s, b] order
+    for j, layer in enumerate([0, 2]):
+        got = routes[0][j]
+        assert got.shape == (6, k)
+        assert all(torch.equal(got[t], e[layer]) for t, e in enumerate(expected))
+        assert (got[4:] == UNKNOWN).all()  # position 5 is padding
+    mask = token_order(torch.ones(2, 5, dtype=torch.bool), 6, 2, 0, True, False)
+    assert mask.tolist() == [True] * 6
+
+
+def test_routes_that_do_not_fit_are_named():
+    good = torch.zeros(2, 5, 3, 2, dtype=torch.int16)
+    fit = dict(rows=2, seq_len=5, num_layers=3, topk=2, num_experts=4)
+    check_routes(good, **fit)
+    for bad, message in [(torch.zeros(2, 4, 3, 2), "tokens 4 vs 5"), (torch.zeros(2, 5, 2, 2), "layers 2 vs 3"),
+                         (torch.zeros(2, 5, 3, 1), "top-k 1 vs 2"), (torch.zeros(3, 5, 3, 2), "rows 3 vs 2"),
+                         (torch.full((2, 5, 3, 2), 4), "expert 4, outside 0..3")]:
+        with pytest.raises(ValueError, match=message):
+            check_routes(bad, **fit)
