@@ -15,6 +15,11 @@ from pathlib import Path
 import torch
 
 
+def wants_routes(cfg) -> bool:
+    """Whether completions carry the engine's MoE routes: for routing replay from the engine (r3), or asked for."""
+    return cfg.policy.routing_replay == "r3" or cfg.rollout.return_routes
+
+
 def start_engine(cfg, weights: Path, version: int, *, tokenizer, out: Path, separate_process: bool,
                  say=lambda text: None):
     rc = cfg.rollout
@@ -35,6 +40,15 @@ def _start_sglang(cfg, weights: Path, version: int, tokenizer, out: Path, say):
     from ..rollout.sglang import SGLangEngine, SGLangServer
 
     sc = cfg.rollout.sglang
+    routes = wants_routes(cfg)
+    args = tuple(sc.args) + (("--enable-return-routed-experts",) if routes and
+                             "--enable-return-routed-experts" not in sc.args else ())
+    route_shape = None
+    if routes:
+        from ..policy.hf_config import read_hf_config
+
+        arch = read_hf_config(weights)
+        route_shape = (arch.num_layers, arch.moe_topk)
     python = sc.python or os.environ.get("SAPO_SGLANG_PYTHON") or sys.executable
     count = 0 if sc.urls else sc.num_servers
     devices = [{}] * count
@@ -49,13 +63,15 @@ def _start_sglang(cfg, weights: Path, version: int, tokenizer, out: Path, say):
     try:
         for i in range(count):
             server = SGLangServer(weights, free_port(), python=python, log_path=out / "logs" / f"sglang_{i}.log",
-                                  extra_args=tuple(sc.args), env={**sc.env, **devices[i]},
+                                  extra_args=args, env={**sc.env, **devices[i]},
                                   startup_timeout=sc.startup_timeout_s)
             say(f"starting SGLang server {i} on port {server.port} (log: {server.log_path})")
             servers.append(server)
             server.start()
         engine = SGLangEngine(tokenizer, servers=servers, urls=sc.urls, concurrency=sc.concurrency,
-                              retries=sc.retries)
+                              retries=sc.retries, route_shape=route_shape)
+        if routes:
+            engine.check_routes_available()
         engine.update_weights(weights, str(version))  # tags responses with our version (loads ours on attached ones)
     except BaseException:
         for server in servers:

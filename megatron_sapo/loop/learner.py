@@ -8,6 +8,10 @@ sampled by older weights still; the old log-probs are recomputed here all the sa
 the true ratio to the policy being trained, and the engine's own log-probs (rollout_log_probs) feed the mismatch
 metrics and, when loss.rollout_correction is set, the TIS / MIS correction.
 
+MoE routing (policy.routing_replay, policy/routing.py): the old-log-prob forward of each mini-batch keeps what its
+routers picked; under r2 its update replays those experts, under r3 both forwards replay the engine's routes
+(which come with the batch); either way the routing agreement metrics compare them.
+
 Data parallelism: every mini-batch is padded with empty rows to a multiple of data-parallel size x micro-batch size,
 and each data-parallel rank trains on every dp-th row. Memory: each rank holds the whole rollout batch (token ids,
 masks, engine log-probs: about 13 bytes per token) plus its shards' old log-probs (4 bytes per token).
@@ -23,7 +27,10 @@ from ..rollout.batch import RolloutBatch, mini_batches
 
 # how the policy's own train_step metrics combine over the updates of an RL step (the loss library declares its own
 # beside their names in losses.METRICS)
-UPDATE_REDUCTIONS = {"loss": "mean", "grad_norm": "mean", "lr": "mean", "skipped": "sum"}
+UPDATE_REDUCTIONS = {"loss": "mean", "grad_norm": "mean", "lr": "mean", "skipped": "sum",
+                     # routing agreement (policy/routing.py): the updates' mean, and the worst layer of any update
+                     "routing/replay_agree": "mean", "routing/replay_agree_min_layer": "min",
+                     "routing/engine_agree": "mean", "routing/engine_agree_min_layer": "min"}
 # their names in the step's metrics
 UPDATE_NAMES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "lr": "train/lr",
                 "skipped": "train/skipped_updates"}
@@ -57,10 +64,16 @@ class Learner:
         for part in mini_batches(batch, count, generator=generator):
             part = part.padded_to(dp * cfg.policy.micro_batch_size)
             shards.append(part.select(slice(dp_rank, None, dp)))  # interleaved: the padding rows spread out
-        old = [self.policy.log_probs(s.input_ids, temperature) for s in shards]
+        engine = [None if s.routes is None else self.policy.engine_routes(s.routes, s.input_ids) for s in shards]
+        replay_engine = cfg.policy.routing_replay == "r3"
+        if replay_engine and any(e is None for e in engine):
+            raise ValueError("policy.routing_replay=r3 needs the engine's routes with the batch; the engine sent none")
+        old = [self.policy.old_log_probs(s.input_ids, temperature, replay=e if replay_engine else None)
+               for s, e in zip(shards, engine)]
         results = [self.policy.train_step(
             PolicyBatch(shard.input_ids, shard.response_mask, shard.advantages, old_log_probs=old_log_probs,
-                        rollout_log_probs=shard.rollout_log_probs), cfg.loss, temperature)
-            for shard, old_log_probs in zip(shards, old)]
+                        rollout_log_probs=shard.rollout_log_probs, old_routes=old_routes, engine_routes=e),
+            cfg.loss, temperature)
+            for shard, (old_log_probs, old_routes), e in zip(shards, old, engine)]
         merged = reduce_metrics(results, update_reduction)
         return {UPDATE_NAMES.get(k, k): v for k, v in merged.items()}

@@ -27,7 +27,7 @@ from ..data import PromptSampler, fill_groups, load_prompts, render_prompt
 from ..losses import compute_advantages
 from ..rewards import RewardPool
 from ..rollout.batch import RolloutBatch, collate
-from .engines import start_engine
+from .engines import start_engine, wants_routes
 
 QUEUE_FILE = "rollouts.pt"  # checkpoint attachment: batches generated ahead of training
 
@@ -53,15 +53,21 @@ def broadcast_rollout(rollout: Rollout | None, group) -> Rollout:
     """Global rank 0's rollout on every rank of `group` (a CPU / gloo group holding rank 0, which passes its rollout;
     the others pass None). The batch travels as tensors: one broadcast of its index, version and shape [B, S], then
     one per tensor (the response mask as uint8); only the step's small metrics dict is pickled. Memory: the batch
-    once per rank, about 13 bytes per token (token ids 8, mask 1, engine log-prob 4), plus 4 bytes per row."""
+    once per rank, about 13 bytes per token (token ids 8, mask 1, engine log-prob 4), plus 4 bytes per row, plus
+    2 x layers x top-k bytes per token when the engine's MoE routes come with it."""
     import torch.distributed as dist
 
     main = dist.get_rank() == 0
-    head = torch.tensor([rollout.index, rollout.version, *rollout.batch.input_ids.shape] if main else [0] * 4)
+    routes = rollout.batch.routes if main else None
+    route_dims = list(routes.shape[2:]) if routes is not None else [0, 0]
+    head = torch.tensor([rollout.index, rollout.version, *rollout.batch.input_ids.shape, *route_dims] if main
+                        else [0] * 6)
     dist.broadcast(head, src=0, group=group)
-    index, version, rows, seq = head.tolist()
+    index, version, rows, seq, layers, topk = head.tolist()
     shapes = {"input_ids": ((rows, seq), torch.long), "response_mask": ((rows, seq - 1), torch.uint8),
               "rollout_log_probs": ((rows, seq - 1), torch.float32), "advantages": ((rows,), torch.float32)}
+    if layers:
+        shapes["routes"] = ((rows, seq, layers, topk), torch.int16)
     tensors = {}
     for name, (shape, dtype) in shapes.items():
         tensor = getattr(rollout.batch, name).to(dtype).contiguous() if main else torch.empty(shape, dtype=dtype)
@@ -208,10 +214,10 @@ class Rollouts:
         return [render_prompt(r, self.tokenizer, apply_chat_template=d.apply_chat_template,
                               system_prompt=d.system_prompt) for r in records]
 
-    def _sample_and_score(self, records, n: int, params):
+    def _sample_and_score(self, records, n: int, params, routes: bool = False):
         prompts = self._prompts(records)
         with self._engine_lock:
-            groups = self.engine.generate(prompts, n, params)
+            groups = self.engine.generate(prompts, n, params, return_routes=routes)
             samples = [(c.text, r.answer, r.extra) for r, group in zip(records, groups) for c in group]
             rewards, stats = self.rewards.score(samples)
         if stats.failed and stats.errors:
@@ -229,7 +235,8 @@ class Rollouts:
 
         def draw(count: int):
             nonlocal failed
-            groups, rewards, stats = self._sample_and_score(self.sampler.take(count), d.samples_per_prompt, params)
+            groups, rewards, stats = self._sample_and_score(self.sampler.take(count), d.samples_per_prompt, params,
+                                                            routes=wants_routes(cfg))
             drawn_rewards.append(rewards.flatten())
             failed += stats.failed
             return groups, rewards

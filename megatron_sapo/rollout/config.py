@@ -69,6 +69,8 @@ class RolloutConfig:
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)  # stop strings; EOS always stops
     embedded_batch_prompts: int = 64  # prompts per transformers generate call (each with its n samples)
+    # the engine's MoE routes with every completion (routing/engine_agree; always on with policy.routing_replay=r3)
+    return_routes: bool = False
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
     def __post_init__(self) -> None:

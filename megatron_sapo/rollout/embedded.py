@@ -55,20 +55,24 @@ class EmbeddedEngine:
         self.model = None
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: list[str], n: int, params: SamplingParams,
+                 return_routes: bool = False) -> list[list[Completion]]:
         check_prompts(prompts, n)
         if params.seed is not None:
             torch.manual_seed(params.seed)
         out: list[list[Completion]] = []
         for start in range(0, len(prompts), self.max_batch_prompts):
-            out.extend(self._generate_batch(prompts[start:start + self.max_batch_prompts], n, params))
+            out.extend(self._generate_batch(prompts[start:start + self.max_batch_prompts], n, params, return_routes))
         return out
 
-    def _generate_batch(self, prompts, n, params):
+    def _generate_batch(self, prompts, n, params, return_routes: bool):
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         steps = _StepLogProbs(params.temperature)
-        handle = self.model.register_forward_hook(steps, with_kwargs=True)
+        handles = [self.model.register_forward_hook(steps, with_kwargs=True)]
+        routes = _StepRoutes(self.model) if return_routes else None
+        if routes is not None:
+            handles += routes.handles
         try:
             sequences = self.model.generate(
                 **enc, do_sample=True, temperature=params.temperature, top_p=params.top_p,
@@ -77,18 +81,27 @@ class EmbeddedEngine:
                 stop_strings=list(params.stop) or None, tokenizer=tok if params.stop else None,
             )
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         prompt_len = enc["input_ids"].shape[1]
         generated = sequences[:, prompt_len:]
         logprobs = steps.finish(generated[:, -1:])  # [B*n, steps]
+        # [B*n, prompt_len + steps - 1, layers, k]
+        fed_routes = routes.finish(generated.shape[0]) if routes is not None else None
         completions = []
         for row in range(generated.shape[0]):
             prompt_index = row // n
-            prompt_ids = enc["input_ids"][prompt_index][enc["attention_mask"][prompt_index].bool()].tolist()
+            in_prompt = enc["attention_mask"][prompt_index].bool()
+            prompt_ids = enc["input_ids"][prompt_index][in_prompt].tolist()
             ids, reason = self._trim(generated[row].tolist(), params)
+            row_routes = None
+            if fed_routes is not None:  # the prompt's own positions (not the left padding), then the fed outputs
+                row_routes = torch.cat([fed_routes[row, :prompt_len][in_prompt],
+                                        fed_routes[row, prompt_len:prompt_len + len(ids) - 1]])
             completions.append(Completion(
                 prompt_ids=prompt_ids, output_ids=ids, output_logprobs=logprobs[row, :len(ids)].tolist(),
                 text=tok.decode(ids, skip_special_tokens=True), finish_reason=reason, weight_version=self.version,
+                routes=row_routes,
             ))
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
@@ -128,3 +141,44 @@ class _StepLogProbs:
         self.gathered.append(self.previous.gather(-1, last_tokens))
         self.previous = None
         return torch.cat(self.gathered, dim=1)
+
+
+class _StepRoutes:
+    """Forward hooks on the MoE routers of a transformers model during generate: the experts each fed token took,
+    per layer (transformers' Qwen3-MoE router returns (logits, weights, top-k ids)). The prompt's forward gives its
+    positions, each decoding step one more; `finish` stacks them as [rows, tokens fed, num_layers, k], -1 in layers
+    without experts. Memory: k ids per token and layer."""
+
+    def __init__(self, model):
+        layers = model.model.layers
+        self.num_layers, self.calls = len(layers), {}
+        self.topk = model.config.num_experts_per_tok
+        self.handles = []
+        for index, layer in enumerate(layers):
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None and hasattr(layer.mlp, "experts"):
+                self.handles.append(gate.register_forward_hook(self._hook(index)))
+        if not self.handles:
+            raise ValueError(f"{type(model).__name__} has no MoE routers to read routes from")
+
+    def _hook(self, index: int):
+        def keep(module, args, output):
+            ids = output[2] if isinstance(output, tuple) and len(output) == 3 else None
+            if ids is None or ids.dtype not in (torch.int64, torch.int32) or ids.shape[-1] != self.topk:
+                raise ValueError(f"the router of layer {index} ({type(module).__name__}) does not return "
+                                 f"top-{self.topk} expert ids as its third output, as transformers' Qwen3-MoE router "
+                                 "does")
+            self.calls.setdefault(index, []).append(ids.to(torch.int16))
+        return keep
+
+    def finish(self, rows: int) -> torch.Tensor:
+        """[rows, tokens fed, num_layers, k]: the prompt's call routed rows x prompt_len tokens (row-major), each
+        decoding call rows x 1."""
+        out = None
+        for index, calls in self.calls.items():
+            stacked = torch.cat([c.view(rows, -1, self.topk) for c in calls], dim=1)  # [rows, fed, k]
+            if out is None:
+                out = torch.full((rows, stacked.shape[1], self.num_layers, self.topk), -1, dtype=torch.int16)
+            out[:, :, index] = stacked
+        self.calls = {}
+        return out

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
 FINISH_REASONS = ("stop", "length")
 
 
@@ -46,12 +48,17 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     weight_version: str
     extra: dict = field(default_factory=dict)
+    # MoE routes while generating, when asked for (rollout.return_routes): [len(prompt_ids) + len(output_ids) - 1,
+    # num_layers, top-k] expert ids (int16) of every token the engine fed through the model (all but the last one);
+    # -1 for a layer without experts
+    routes: torch.Tensor | None = None
 
 
 class RolloutEngine(Protocol):
     """n samples for each prompt; the outer list follows the prompts, the inner one the samples."""
 
-    def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[list[Completion]]: ...
+    def generate(self, prompts: list[str], n: int, params: SamplingParams,
+                 return_routes: bool = False) -> list[list[Completion]]: ...
 
     def update_weights(self, model_dir: str, version: str) -> None: ...
 

@@ -89,8 +89,8 @@ class EngineProcess:
             self._conn.send((method, args))
             return self._answer(method)
 
-    def generate(self, prompts, n, params):
-        return self._call("generate", prompts, n, params)
+    def generate(self, prompts, n, params, return_routes: bool = False):
+        return self._call("generate", prompts, n, params, return_routes)
 
     def update_weights(self, model_dir, version: str) -> None:
         self._call("update_weights", model_dir, version)

@@ -27,6 +27,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from .engine import Completion, SamplingParams, check_prompts
 
 log = logging.getLogger(__name__)
@@ -139,14 +141,34 @@ class SGLangServer:
         self.process = None
 
 
+def decode_routes(encoded: str | None, fed: int, route_shape: tuple[int, int]) -> torch.Tensor:
+    """SGLang's meta_info["routed_experts"] (base64 of int32 [tokens fed, num_layers, top-k]: every token but the
+    last went through the model) as [fed, num_layers, k] int16; ValueError if absent or of another size."""
+    import base64
+
+    import numpy as np
+
+    if encoded is None:
+        raise ValueError("the SGLang response holds no routed_experts: was the server started with "
+                         "--enable-return-routed-experts?")
+    flat = np.frombuffer(base64.b64decode(encoded), dtype=np.int32)
+    layers, k = route_shape
+    if flat.size != fed * layers * k:
+        raise ValueError(f"routed_experts holds {flat.size} ids; {fed} tokens x {layers} layers x top-{k} = "
+                         f"{fed * layers * k} expected")
+    return torch.from_numpy(flat.astype(np.int16)).view(fed, layers, k)
+
+
 class SGLangEngine:
     """Generation over one or more SGLang servers: local SGLangServer objects (restartable) and/or URLs."""
 
     def __init__(self, tokenizer, *, servers: list[SGLangServer] = (), urls: list[str] = (),
-                 concurrency: int = 16, retries: int = 3, request_timeout: float = 600.0):
+                 concurrency: int = 16, retries: int = 3, request_timeout: float = 600.0,
+                 route_shape: tuple[int, int] | None = None):
         if not servers and not urls:
             raise ValueError("SGLangEngine needs at least one server or URL")
         self.tokenizer = tokenizer
+        self.route_shape = route_shape  # (num_layers, top-k) of the served MoE model, to decode returned routes
         self.servers = list(servers)
         self.urls = [s.url for s in self.servers] + [u.rstrip("/") for u in urls]
         self.concurrency, self.retries, self.request_timeout = concurrency, retries, request_timeout
@@ -216,8 +238,23 @@ class SGLangEngine:
                 index = (index + 1) % len(self.urls)
         raise SGLangError(f"generation failed after {self.retries + 1} attempts: {last_error}")
 
-    def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[list[Completion]]:
+    def check_routes_available(self) -> None:
+        """That every server was started with --enable-return-routed-experts (SGLangError naming the one that was
+        not): without it SGLang returns no routes, and routing replay from the engine (r3) cannot work."""
+        if self.route_shape is None:
+            raise ValueError("SGLangEngine(route_shape=(num_layers, top_k)) is needed to decode routes")
+        for url in self.urls:
+            info = _get_json(url + "/server_info", 30)
+            if not info.get("enable_return_routed_experts"):
+                raise SGLangError(f"SGLang server {url} was started without --enable-return-routed-experts: it "
+                                  "cannot return the routes that policy.routing_replay=r3 (or rollout.return_routes) "
+                                  "asks for")
+
+    def generate(self, prompts: list[str], n: int, params: SamplingParams,
+                 return_routes: bool = False) -> list[list[Completion]]:
         check_prompts(prompts, n)
+        if return_routes and self.route_shape is None:
+            raise ValueError("SGLangEngine(route_shape=(num_layers, top_k)) is needed to decode routes")
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         # every parameter that changes the distribution is sent: a server may otherwise take its defaults from the
         # model's generation_config (a repetition penalty, min_p), which the trainer's log-probs know nothing of
@@ -231,22 +268,26 @@ class SGLangEngine:
                 if params.seed is not None:
                     job["sampling_seed"] = params.seed + i * n + k
                 jobs.append({"input_ids": ids, "sampling_params": job, "return_logprob": True,
-                             "logprob_start_len": -1})
+                             "logprob_start_len": -1, "return_routed_experts": return_routes})
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             responses = list(pool.map(self._request, jobs))
-        out = [self._completion(ids, r) for ids, r in zip((ids for ids in prompt_ids for _ in range(n)), responses)]
+        out = [self._completion(ids, r, self.route_shape if return_routes else None)
+               for ids, r in zip((ids for ids in prompt_ids for _ in range(n)), responses)]
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     @staticmethod
-    def _completion(prompt_ids: list[int], response: dict) -> Completion:
+    def _completion(prompt_ids: list[int], response: dict, route_shape: tuple[int, int] | None) -> Completion:
         meta = response.get("meta_info", {})
         logprobs = meta.get("output_token_logprobs") or []
         output_ids = response.get("output_ids") or [entry[1] for entry in logprobs]
         finish = meta.get("finish_reason") or {}
         reason = "length" if finish.get("type") == "length" else "stop"
+        routes = None
+        if route_shape is not None:
+            routes = decode_routes(meta.get("routed_experts"), len(prompt_ids) + len(output_ids) - 1, route_shape)
         return Completion(prompt_ids=list(prompt_ids), output_ids=list(output_ids),
                           output_logprobs=[float(entry[0]) for entry in logprobs], text=response.get("text", ""),
-                          finish_reason=reason, weight_version=str(meta.get("weight_version", "")))
+                          finish_reason=reason, weight_version=str(meta.get("weight_version", "")), routes=routes)
 
     def update_weights(self, model_dir: str | Path, version: str) -> None:
         """Load the exported folder on every server and tag later responses with `version`. The folder's shapes are

@@ -108,3 +108,56 @@ def test_routes_that_do_not_fit_are_named():
                          (torch.full((2, 5, 3, 2), 4), "expert 4, outside 0..3")]:
         with pytest.raises(ValueError, match=message):
             check_routes(bad, **fit)
+
+
+def near_tie_model(folder, noise: float = 1e-7):
+    """A tiny Qwen3-MoE (8 experts, top-2) whose routers give every expert almost the same logit (one shared row
+    plus `noise`): which two experts a token takes then turns on differences far below what an update, or another
+    implementation's float rounding, changes."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_models().build("qwen3_moe", folder, num_experts=8)
+    tensors = load_file(str(folder / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for name, t in tensors.items():
+        if name.endswith("mlp.gate.weight"):
+            tensors[name] = (5 * t[:1] + noise * torch.randn(t.shape, generator=g)).contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_near_tie_routing_drifts_and_replay_holds_it(tmp_path):
+    """The near-tie model, a batch sampled by the embedded engine (with its routes), four mini-batch updates at a
+    learning rate that barely moves the weights: without replay the routers' picks drift (routing/replay_agree far
+    below 1) and the ratios spread; R2 holds the routes, and the ratios stay within float noise of what the tiny
+    update explains; R3 makes the trainer's old log-probs the engine's (mismatch ~1e-7, against ~1e-3 without), the
+    engine and the trainer agreeing on only about half of the top-2 sets by themselves."""
+    from megatron_sapo.config import load_config
+    from megatron_sapo.loop.learner import Learner
+    from megatron_sapo.policy import parallel
+    from megatron_sapo.policy.policy import Policy
+    from megatron_sapo.rollout import SamplingParams
+    from megatron_sapo.rollout.batch import collate
+    from megatron_sapo.rollout.embedded import EmbeddedEngine
+
+    near_tie_model(tmp_path / "m")
+    parallel.init_distributed()
+    engine = EmbeddedEngine(tmp_path / "m")
+    groups = engine.generate(["12:", "hello", "3+4=", "abc"], 4, SamplingParams(max_new_tokens=12, seed=1),
+                             return_routes=True)
+    completions = [c for group in groups for c in group]
+    batch = collate(completions, torch.randn(16, generator=torch.Generator().manual_seed(1)), engine.tokenizer.pad_token_id)
+    assert batch.routes is not None and (batch.routes[:, :, 0] >= 0).any()
+    got = {}
+    for mode in ("none", "r2", "r3"):
+        cfg = load_config(None, [f"policy.model_path={tmp_path / 'm'}", f"policy.routing_replay={mode}",
+                                 "policy.lr=1e-6", "trainer.mini_batches=4", "policy.micro_batch_size=2",
+                                 "loss.loss_type=grpo"])
+        got[mode] = Learner(Policy(cfg.policy), cfg).update(batch, 0)
+    none, r2, r3 = got["none"], got["r2"], got["r3"]
+    for m in got.values():
+        assert 0 <= m["routing/replay_agree_min_layer"] <= m["routing/replay_agree"] < 0.6, m
+        assert 0.2 < m["routing/engine_agree"] < 0.8, m
+    spread = {mode: m["ratio/max"] - m["ratio/min"] for mode, m in got.items()}
+    assert spread["r2"] < spread["none"] / 10 and spread["r3"] < spread["none"] / 10, spread
+    assert r3["mismatch/abs_diff_mean"] < 1e-5 < 1e-4 < none["mismatch/abs_diff_mean"], (r3, none)
+    assert r2["mismatch/abs_diff_mean"] == none["mismatch/abs_diff_mean"]  # r2 leaves the old forward alone
