@@ -311,7 +311,7 @@ class Policy:
                              sequence_parallel=self.module.config.sequence_parallel)
 
     def token_mask(self, padding: torch.Tensor, micro_batch: int) -> torch.Tensor:
-        """[tokens] bool in the routers' order: True where micro-batch `micro_batch`'s token is trained (not padding)."""
+        """[tokens] bool in the routers' order: True where the token of micro-batch `micro_batch` is trained."""
         from megatron.core import parallel_state as ps
 
         mbs = self.cfg.micro_batch_size

@@ -3,8 +3,9 @@
 R2 on one process and on two (EP=2, PP=2, TP=2 with sequence parallelism), two micro-batches with a padding row:
 the experts every router uses in the training forwards (read back from the routers' own output) equal those its
 old-log-prob forward picked, in the first update and in a later one after the weights moved; the first update's
-ratios are exactly 1 (within float32 rounding under TP), and routing/replay_agree is 1 there. Engine routes per row go to each rank's token order
-(sequence chunks, stages) exactly, and routes that do not fit are named errors."""
+ratios are exactly 1 (within float32 rounding under TP), and routing/replay_agree is 1 there. A near-tie model
+shows what replay is for. Engine routes per row go to each rank's token order (sequence chunks, stages) exactly,
+and routes that do not fit are named errors."""
 
 import pytest
 import torch
@@ -145,7 +146,8 @@ def test_near_tie_routing_drifts_and_replay_holds_it(tmp_path):
     groups = engine.generate(["12:", "hello", "3+4=", "abc"], 4, SamplingParams(max_new_tokens=12, seed=1),
                              return_routes=True)
     completions = [c for group in groups for c in group]
-    batch = collate(completions, torch.randn(16, generator=torch.Generator().manual_seed(1)), engine.tokenizer.pad_token_id)
+    advantages = torch.randn(16, generator=torch.Generator().manual_seed(1))
+    batch = collate(completions, advantages, engine.tokenizer.pad_token_id)
     assert batch.routes is not None and (batch.routes[:, :, 0] >= 0).any()
     got = {}
     for mode in ("none", "r2", "r3"):
