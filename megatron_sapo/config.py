@@ -92,14 +92,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 
     Overrides are OmegaConf dotlist items, `key.sub=value` with the value read as YAML (`[a, b]`, `{k: v}`, `null`;
     an empty value is the empty string; a mapping given to a section merges into it). Values may interpolate others:
-    `tracking.run_name=${output_dir}`."""
+    `tracking.run_name=${output_dir}`. A file may start from another: `base: other.yaml` (relative to the file)
+    applies that one first, then this file's keys over it (a list replaces the base's list)."""
     cfg = OmegaConf.structured(TrainConfig)
     _make_writable(cfg)
     if path is not None:
-        _update(cfg, "", _read_yaml(Path(path)))
+        for data in _read_recipe(Path(path)):
+            _update(cfg, "", data)
     for text in overrides:
         _update(cfg, *split_override(text), override=text)
     return _instantiate(cfg)
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+    """A config file and the files it builds on (`base:`), base first."""
+    if path.resolve() in seen:
+        raise ValueError(f"config file {path} is its own base (through {' -> '.join(str(p) for p in seen)})")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return [data]
+    if not isinstance(base, str):
+        raise ValueError(f"config file {path}: base must be a file name, got {base!r}")
+    return _read_recipe(path.parent / base, (*seen, path.resolve())) + [data]
 
 
 def _read_yaml(path: Path) -> dict:

@@ -138,3 +138,23 @@ def test_bad_files_are_named(tmp_path):
 def test_recipes_load(recipe):
     cfg = load_config(recipe)
     assert cfg.policy.model_path and cfg.data.train_files
+
+
+def test_a_recipe_builds_on_its_base(tmp_path):
+    r2 = load_config(REPO / "recipes" / "qwen3_30b_a3b_grpo_r2.yaml")
+    sapo = load_config(REPO / "recipes" / "qwen3_30b_a3b_sapo.yaml")
+    assert (r2.policy.routing_replay, r2.loss.loss_type, r2.tracking.experiment) == ("r2", "grpo",
+                                                                                      "qwen3_30b_a3b_grpo_r2")
+    assert r2.policy.expert_model_parallel_size == sapo.policy.expert_model_parallel_size == 8
+    assert r2.data == sapo.data and r2.rollout == sapo.rollout
+    r3 = load_config(REPO / "recipes" / "qwen3_30b_a3b_grpo_r3.yaml")
+    assert r3.policy.routing_replay == "r3" and "--enable-return-routed-experts" in r3.rollout.sglang.args
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="is its own base"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ValueError, match="nowhere.yaml does not exist"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ValueError, match="routing_replay"):
+        load_config(None, ["policy.routing_replay=r4"])
