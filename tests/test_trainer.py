@@ -288,3 +288,22 @@ def test_tracking_server_down_during_a_run_loses_no_metrics(demo, tmp_path):
         assert sorted((m.step, m.value) for m in history) == expected  # each step once, the values as trained
     finally:
         server.kill()
+
+
+@pytest.mark.multiprocess
+def test_r3_run_under_tp2_replays_the_engines_routes(demo, tmp_path):
+    """`megatron-sapo train` with policy.routing_replay=r3 on two processes under TP=2 (sequence parallel: each rank
+    replays its own chunk of every sequence): the embedded engine's routes reach every rank in its token order, so
+    the trainer's old log-probs are the engine's own (a route replayed at the wrong token would move them by far
+    more than 2e-5), and the routing agreement metrics reach MLflow."""
+    out = tmp_path / "run"
+    log = train(demo, out, "trainer.steps=2", "trainer.eval_every=0", "trainer.checkpoint_every=0",
+                "policy.routing_replay=r3", "policy.tensor_model_parallel_size=2", launcher=TORCHRUN,
+                env={"GLOO_SOCKET_IFNAME": "lo"})
+    assert "(2 processes)" in log and "step 2/2" in log
+    client, run = mlflow_run(out)
+    assert run.data.params["policy.routing_replay"] == "r3"
+    assert all(v < 2e-5 for _, v in steps_of(client, run, "mismatch/abs_diff_max"))
+    for key in ("routing/engine_agree", "routing/replay_agree", "routing/replay_agree_min_layer"):
+        values = steps_of(client, run, key)
+        assert [s for s, _ in values] == [1, 2] and all(0 < v <= 1 for _, v in values), (key, values)

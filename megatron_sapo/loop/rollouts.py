@@ -66,14 +66,19 @@ def broadcast_rollout(rollout: Rollout | None, group) -> Rollout:
     index, version, rows, seq, layers, topk = head.tolist()
     shapes = {"input_ids": ((rows, seq), torch.long), "response_mask": ((rows, seq - 1), torch.uint8),
               "rollout_log_probs": ((rows, seq - 1), torch.float32), "advantages": ((rows,), torch.float32)}
-    if layers:
-        shapes["routes"] = ((rows, seq, layers, topk), torch.int16)
+    if layers:  # int16 travels as its bytes: gloo has no int16
+        shapes["routes"] = ((rows, seq, layers, 2 * topk), torch.uint8)
     tensors = {}
     for name, (shape, dtype) in shapes.items():
-        tensor = getattr(rollout.batch, name).to(dtype).contiguous() if main else torch.empty(shape, dtype=dtype)
+        tensor = torch.empty(shape, dtype=dtype)
+        if main:
+            value = getattr(rollout.batch, name).contiguous()
+            tensor = value.view(dtype) if name == "routes" else value.to(dtype)
         dist.broadcast(tensor, src=0, group=group)
         tensors[name] = tensor
     tensors["response_mask"] = tensors["response_mask"].bool()
+    if "routes" in tensors:
+        tensors["routes"] = tensors["routes"].view(torch.int16)
     box = [rollout.metrics if main else None]
     dist.broadcast_object_list(box, src=0, group=group)
     return Rollout(index, version, RolloutBatch(**tensors), box[0])
