@@ -163,3 +163,14 @@ def test_near_tie_routing_drifts_and_replay_holds_it(tmp_path):
     assert spread["r2"] < spread["none"] / 10 and spread["r3"] < spread["none"] / 10, spread
     assert r3["mismatch/abs_diff_mean"] < 1e-5 < 1e-4 < none["mismatch/abs_diff_mean"], (r3, none)
     assert r2["mismatch/abs_diff_mean"] == none["mismatch/abs_diff_mean"]  # r2 leaves the old forward alone
+
+
+def test_replay_on_a_model_without_experts_is_named(tmp_path):
+    from megatron_sapo.policy import parallel
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.policy import Policy
+
+    tiny_models().build("qwen3", tmp_path / "dense")
+    parallel.init_distributed()
+    with pytest.raises(ValueError, match="policy.routing_replay=r2 replays MoE routes, but .* has no MoE layers"):
+        Policy(PolicyConfig(model_path=str(tmp_path / "dense"), routing_replay="r2"))

@@ -111,3 +111,24 @@ def test_layouts_sglang_cannot_sync_and_bad_arguments_are_named(fake_server):
             WeightUpdateGroup([url], master_address="127.0.0.1")
     with pytest.raises(SGLangError, match="GET http://127.0.0.1:1/model_info failed"):
         WeightUpdateGroup(["http://127.0.0.1:1"], master_address="127.0.0.1", backend="gloo")
+
+
+def test_routes_from_sglang_are_decoded_and_a_server_without_them_is_named(fake_server):
+    import base64
+
+    import numpy as np
+
+    from megatron_sapo.rollout.sglang import SGLangEngine, decode_routes
+
+    ids = np.arange(3 * 4 * 2, dtype=np.int32)
+    encoded = base64.b64encode(ids.tobytes()).decode()
+    routes = decode_routes(encoded, 3, (4, 2))
+    assert routes.dtype == torch.int16 and torch.equal(routes, torch.arange(24, dtype=torch.int16).view(3, 4, 2))
+    with pytest.raises(ValueError, match="holds 24 ids; 4 tokens x 4 layers x top-2 = 32 expected"):
+        decode_routes(encoded, 4, (4, 2))
+    with pytest.raises(ValueError, match="no routed_experts: was the server started with --enable-return-routed"):
+        decode_routes(None, 3, (4, 2))
+    server, _ = fake_server  # its /server_info has no enable_return_routed_experts
+    engine = SGLangEngine(None, urls=[f"http://127.0.0.1:{server.server_port}"], route_shape=(4, 2))
+    with pytest.raises(SGLangError, match="was started without --enable-return-routed-experts"):
+        engine.check_routes_available()
