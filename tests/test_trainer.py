@@ -99,7 +99,7 @@ def test_embedded_run_tracks_checkpoints_and_resumes(demo, tmp_path):
     assert manifest(out / "checkpoints" / "step_00000003")["extra"]["trainer_step"] == 3
     assert manifest(out / "checkpoints" / "step_00000003")["extra"]["mlflow_run_id"] == run.info.run_id
     assert (out / "checkpoints" / "step_00000002").is_dir()
-    assert (out / "weights" / "step_00000003" / "model.safetensors").is_file()
+    assert (out / "weights" / "step_00000003" / "model.safetensors.index.json").is_file()
 
     log = train(demo, out, "trainer.steps=5", "trainer.eval_every=2")
     assert "resuming from" in log and "step 5/5" in log and "step 3/5" not in log
