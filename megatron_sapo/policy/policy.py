@@ -90,7 +90,8 @@ class Policy:
                              "has no MoE layers")
         from megatron.core.transformer.moe.router_replay import RouterReplay
 
-        RouterReplay.clear_global_router_replay_instances()  # a model built before in this process registered its own
+        # each router registers its RouterReplay in a process-global list, used here by nobody: keep it from growing
+        RouterReplay.clear_global_router_replay_instances()
         model = build_model(self.arch, cfg, pre_process=self.first_stage, post_process=self.last_stage)
         load_hf_weights(model, self.arch, cfg.model_path, padded_vocab_size(self.arch, cfg))
         if self.last_stage:  # the model returns final-normed hidden states; the fused loss applies the output layer

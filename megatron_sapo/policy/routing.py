@@ -9,12 +9,14 @@ policy.routing_replay:
         are then exactly 1: GRPO-R2, the paper's baseline)
   r3    the old-log-prob forward and the training forward take the experts the rollout engine picked while generating
         (the trainer then computes the engine's function, up to numerics)
-Replay is Megatron-Core's own (TransformerConfig.moe_enable_routing_replay, RouterReplay in REPLAY_FORWARD): a
-router takes the given top-k ids and gathers its own scores at them, so the gradient still reaches the router
-through the probabilities of the replayed experts. Nothing of Megatron's router is patched.
+Replay is Megatron-Core's own (TransformerConfig.moe_enable_routing_replay: each router holds a RouterReplay,
+set here to REPLAY_FORWARD with the micro-batch's ids): a router takes the given top-k ids and gathers its own scores
+at them, so the gradient still reaches the router through the probabilities of the replayed experts. Nothing of
+Megatron's router is patched; each router's own instance is driven (not RouterReplay's process-global list), so
+several models in one process do not mix.
 
-Routes (`Routes`): per micro-batch, per router of this rank (this pipeline stage's MoE layers, in build order, which
-is RouterReplay's instance order), the top-k expert ids [tokens, k] (int16, sorted) of the tokens that router sees.
+Routes (`Routes`): per micro-batch, per router of this rank (this pipeline stage's MoE layers, in build order), the
+top-k expert ids [tokens, k] (int16, sorted) of the tokens that router sees.
 Megatron routes a micro-batch as [s, b] flattened, sequence-major, and under sequence parallelism each
 tensor-parallel rank routes its own chunk of the padded sequence. An engine's routes per row, [B, S, layers, k]
 aligned with input_ids (position t: the experts of token t), are cut into that form by `native_routes`. Memory: 2k
@@ -81,25 +83,33 @@ class RouteTracker:
     def begin(self, micro_batch: int, replay: list[torch.Tensor] | None = None) -> None:
         """Micro-batch `micro_batch` is about to run: file the routers' picks under it, and make them take
         `replay` (one [tokens, k] per router) instead of their own picks, or route by themselves (None)."""
-        from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
         self._current = self.captured.setdefault(micro_batch, [None] * len(self.routers))
         self._replaying = replay is not None
         if replay is None:
-            RouterReplay.clear_global_router_replay_action()
+            self._stop_replay()
             return
         if len(replay) != len(self.routers):
             raise ValueError(f"routes for {len(replay)} MoE layers, this rank's model has {len(self.routers)}")
-        RouterReplay.set_replay_data([ids.to(torch.long) for ids in replay])
-        RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        for router, ids in zip(self.routers, replay):
+            if router.router_replay is None:
+                raise ValueError("replaying routes needs a model built with policy.routing_replay r2 or r3")
+            router.router_replay.set_target_indices(ids.to(torch.long))
+            router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+
+    def _stop_replay(self) -> None:
+        for router in self.routers:
+            if router.router_replay is not None:
+                router.router_replay.clear_router_replay_action()
 
     def finish(self) -> Routes:
         """The picks of the micro-batches run since the last finish(), in micro-batch order; replay is switched
-        off and Megatron's replay lists emptied (they grow by one entry per replayed forward)."""
-        from megatron.core.transformer.moe.router_replay import RouterReplay
-
-        RouterReplay.clear_global_router_replay_action()
-        RouterReplay.clear_global_indices()
+        off and the replay instances emptied (Megatron keeps one entry per replayed forward for a recompute)."""
+        self._stop_replay()
+        for router in self.routers:
+            if router.router_replay is not None:
+                router.router_replay.clear_indices()
         routes = [self.captured[i] for i in sorted(self.captured)]
         self.captured, self._current, self._replaying = {}, None, False
         return routes
