@@ -180,17 +180,20 @@ def policy_log_probs(demo: Path, checkpoint: Path | None = None) -> torch.Tensor
 
 @pytest.mark.skipif(not Path(SGLANG_PYTHON).exists() and not os.environ.get("SAPO_SGLANG_PYTHON"),
                     reason="SGLang environment not installed (make sglang-env)")
-@pytest.mark.parametrize("weight_sync, max_staleness", [("disk", 0), ("distributed", 0), ("disk", 1)])
-def test_sglang_run(demo, tmp_path, weight_sync, max_staleness):
+@pytest.mark.parametrize("weight_sync, max_staleness, replay", [("disk", 0, "none"), ("distributed", 0, "r3"),
+                                                                 ("disk", 1, "r2")])
+def test_sglang_run(demo, tmp_path, weight_sync, max_staleness, replay):
     """The SGLang server serves what the trainer holds: at step 2 (weights synced after step 1) its log-probs of
     every sampled token equal the trainer's old log-probs to 2e-5, while step 1 moved the policy's log-probs by far
     more than that (measured here from the checkpoints), so a sync that did nothing could not pass. Asynchronous
     (max_staleness=1): step 2's batch is generated during step 1, by the weights before it, and every completion
-    says so; the evaluation after step 2 runs on the newest weights."""
+    says so; the evaluation after step 2 runs on the newest weights. Routing replay rides along: R3 with the
+    distributed sync (SGLang started with --enable-return-routed-experts by the trainer, its routes replayed), R2
+    with the asynchronous run; the routing metrics reach MLflow."""
     out = tmp_path / "run"
     log = train(demo, out, "rollout.engine=sglang", f"rollout.sglang.python={SGLANG_PYTHON}", "trainer.steps=2",
                 "trainer.eval_every=2", "trainer.checkpoint_every=1", f"rollout.sglang.weight_sync={weight_sync}",
-                f"trainer.max_staleness={max_staleness}")
+                f"trainer.max_staleness={max_staleness}", f"policy.routing_replay={replay}")
     assert "weight sync failed" not in log
     assert "starting SGLang server 0" in log and "step 2/2" in log
     client, run = mlflow_run(out)
@@ -206,6 +209,9 @@ def test_sglang_run(demo, tmp_path, weight_sync, max_staleness):
     moved = (policy_log_probs(demo, out / "checkpoints" / "step_00000001") - policy_log_probs(demo)).abs().max()
     assert moved > 100 * 2e-5, moved
     check_samples(client, run, 2)
+    assert [s for s, _ in steps_of(client, run, "routing/replay_agree")] == [1, 2]
+    engine_agree = steps_of(client, run, "routing/engine_agree")
+    assert (len(engine_agree) == 2 and all(0 < v <= 1 for _, v in engine_agree)) == (replay == "r3"), engine_agree
     assert (out / "logs" / "sglang_0.log").is_file()
     leftover = subprocess.run(["pgrep", "-f", str(out / "weights")], capture_output=True, text=True).stdout
     assert not leftover.strip(), "the SGLang server outlived the run"

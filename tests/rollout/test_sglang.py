@@ -2,7 +2,9 @@
 tiny Qwen3-MoE built offline: returned log-probs equal the transformers forward of the same tokens; requests are
 spread over both servers (their own access logs say so); after a weight update, from a folder or broadcast over a
 gloo process group, responses of both carry the new version and match the new weights; a server killed mid-batch is
-restarted and the batch completes; unreachable servers, bad folders and bad tensors are clear errors."""
+restarted and the batch completes; the routed experts it returns are transformers' own (servers started with
+--enable-return-routed-experts, which the CPU build needs tools/sglang_cpu_stubs/sitecustomize.py for); unreachable
+servers, bad folders and bad tensors are clear errors."""
 
 import os
 import threading
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.slow
 PYTHON = os.environ.get("SAPO_SGLANG_PYTHON", str(REPO / ".venv-sglang" / "bin" / "python"))
 # an idle SGLang scheduler spins a core unless told to sleep: two of them would take both cores of a small machine
 CPU_ARGS = ("--device", "cpu", "--dtype", "float32", "--max-total-tokens", "16384", "--mem-fraction-static", "0.2",
-            "--sleep-on-idle")
+            "--sleep-on-idle", "--enable-return-routed-experts")
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(REPO / "tools" / "sglang_cpu_stubs")}
 
 
@@ -117,6 +119,28 @@ def test_weight_update_is_versioned_and_takes_effect(served):
     with pytest.raises(ValueError, match="does not fit the served model .*hidden_size 64 vs 96"):
         engine.update_weights(root / "wider", "bad")
     assert engine.generate(["90:"], 1, SamplingParams(max_new_tokens=2))[0][0].weight_version == "step-0"
+
+
+def test_routes_are_the_experts_of_a_teacher_forced_forward(served):
+    """return_routes: SGLang's routed experts (every fed token: the prompt, then each output token but the last)
+    equal those transformers' routers pick in one teacher-forced forward of the whole sequence."""
+    import transformers
+
+    root, engine = served
+    engine.update_weights(root / "v0", "step-0")
+    routed = SGLangEngine(engine.tokenizer, urls=engine.urls, route_shape=(2, 2))
+    routed.check_routes_available()
+    out = routed.generate(["3142:", "90:"], 2, SamplingParams(max_new_tokens=6, seed=3), return_routes=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "v0").eval()
+    picked = {}
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp.gate.register_forward_hook(lambda m, a, o, i=index: picked.__setitem__(i, o[2]))
+    for c in (c for group in out for c in group):
+        with torch.no_grad():
+            model(torch.tensor([c.prompt_ids + c.output_ids]))
+        expected = torch.stack([picked[i] for i in range(2)], dim=1)[:-1]
+        assert c.routes.shape == expected.shape == (len(c.prompt_ids) + len(c.output_ids) - 1, 2, 2)
+        assert torch.equal(c.routes.sort(-1).values, expected.sort(-1).values.to(torch.int16))
 
 
 def test_requests_are_spread_over_both_servers(served):
