@@ -297,15 +297,15 @@ def test_tracking_server_down_during_a_run_loses_no_metrics(demo, tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_r3_run_under_tp2_replays_the_engines_routes(demo, tmp_path):
-    """`megatron-sapo train` with policy.routing_replay=r3 on two processes under TP=2 (sequence parallel: each rank
-    replays its own chunk of every sequence): the embedded engine's routes reach every rank in its token order, so
-    the trainer's old log-probs are the engine's own (a route replayed at the wrong token would move them by far
-    more than 2e-5), and the routing agreement metrics reach MLflow."""
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_r3_run_replays_the_engines_routes_on_every_rank(demo, tmp_path, layout):
+    """`megatron-sapo train` with policy.routing_replay=r3 on two processes, under TP=2 (sequence parallel: each rank
+    replays its own chunk of every sequence) and PP=2 (each stage its own MoE layers): the embedded engine's routes
+    reach every rank in its token order, so the trainer's old log-probs are the engine's own (a route replayed at the
+    wrong token or layer would move them by far more than 2e-5), and the routing agreement metrics reach MLflow."""
     out = tmp_path / "run"
     log = train(demo, out, "trainer.steps=2", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-                "policy.routing_replay=r3", "policy.tensor_model_parallel_size=2", launcher=TORCHRUN,
-                env={"GLOO_SOCKET_IFNAME": "lo"})
+                "policy.routing_replay=r3", *LAYOUTS[layout], launcher=TORCHRUN, env={"GLOO_SOCKET_IFNAME": "lo"})
     assert "(2 processes)" in log and "step 2/2" in log
     client, run = mlflow_run(out)
     assert run.data.params["policy.routing_replay"] == "r3"

@@ -111,13 +111,13 @@ def test_routes_that_do_not_fit_are_named():
             check_routes(bad, **fit)
 
 
-def near_tie_model(folder, noise: float = 1e-7):
-    """A tiny Qwen3-MoE (8 experts, top-2) whose routers give every expert almost the same logit (one shared row
+def near_tie_model(folder, noise: float = 1e-7, num_experts: int = 8):
+    """A tiny Qwen3-MoE (top-2) whose routers give every expert almost the same logit (one shared row
     plus `noise`): which two experts a token takes then turns on differences far below what an update, or another
     implementation's float rounding, changes."""
     from safetensors.torch import load_file, save_file
 
-    tiny_models().build("qwen3_moe", folder, num_experts=8)
+    tiny_models().build("qwen3_moe", folder, num_experts=num_experts)
     tensors = load_file(str(folder / "model.safetensors"))
     g = torch.Generator().manual_seed(0)
     for name, t in tensors.items():
