@@ -35,6 +35,24 @@ def token_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, vocab: int) -
     return logp[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]
 
 
+def assert_transformers_routes(model_dir, completions) -> None:
+    """Each completion's engine routes equal the top-k experts transformers' routers pick for the same tokens in
+    one teacher-forced forward of the whole sequence (every token but the last, which the engine never fed)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    picked = {}
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp.gate.register_forward_hook(lambda m, a, o, i=index: picked.__setitem__(i, o[2]))
+    for c in completions:
+        with torch.no_grad():
+            model(torch.tensor([c.prompt_ids + c.output_ids]))
+        expected = torch.stack([picked[i] for i in range(len(model.model.layers))], dim=1)[:-1]
+        assert c.routes is not None and c.routes.shape == expected.shape, (c.routes, expected.shape)
+        assert len(expected) == len(c.prompt_ids) + len(c.output_ids) - 1
+        assert torch.equal(c.routes.sort(-1).values, expected.sort(-1).values.to(torch.int16))
+
+
 def stream_bound(policy, bucket_bytes: int, buckets: int = 2) -> int:
     """The stated bound of policy/hf_stream.py on this layout: `buckets` buckets (one being filled, the consumer's),
     twice the full pieces of the largest parameter (x EP for an expert one: the pieces and their concatenation),

@@ -6,7 +6,7 @@ import torch
 
 from megatron_sapo.rollout import EmbeddedEngine, SamplingParams
 
-from ..policy.harness import tiny_models
+from ..policy.harness import assert_transformers_routes, tiny_models
 
 PROMPTS = ["3142:", "90:", "hello"]
 
@@ -52,20 +52,9 @@ def test_routes_are_the_experts_of_a_teacher_forced_forward(models):
     """return_routes: every token fed through the model (prompt positions without the left padding, then each output
     token but the last) carries the top-k expert ids transformers' routers pick for it in one teacher-forced
     forward of the whole sequence; without it, no routes."""
-    import transformers
-
     engine = EmbeddedEngine(models / "v0")
     out = engine.generate(PROMPTS, 2, SamplingParams(max_new_tokens=8, seed=1), return_routes=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(models / "v0").eval()
-    picked = {}
-    for index, layer in enumerate(model.model.layers):
-        layer.mlp.gate.register_forward_hook(lambda m, a, o, i=index: picked.__setitem__(i, o[2]))
-    for c in (c for group in out for c in group):
-        with torch.no_grad():
-            model(torch.tensor([c.prompt_ids + c.output_ids]))
-        expected = torch.stack([picked[i] for i in range(len(model.model.layers))], dim=1)[:-1]
-        assert c.routes.shape == expected.shape == (len(c.prompt_ids) + len(c.output_ids) - 1, 2, 2)
-        assert torch.equal(c.routes.sort(-1).values, expected.sort(-1).values.to(torch.int16))
+    assert_transformers_routes(models / "v0", [c for group in out for c in group])
     plain = engine.generate(PROMPTS[:1], 1, SamplingParams(max_new_tokens=2, seed=1))
     assert plain[0][0].routes is None
 

@@ -20,7 +20,7 @@ from megatron_sapo.rollout import SamplingParams
 from megatron_sapo.rollout.sglang import SGLangEngine, SGLangError, SGLangServer, _control
 from megatron_sapo.rollout.weight_sync import WeightUpdateGroup
 
-from ..policy.harness import REPO, tiny_models
+from ..policy.harness import REPO, assert_transformers_routes, tiny_models
 
 pytestmark = pytest.mark.slow
 PYTHON = os.environ.get("SAPO_SGLANG_PYTHON", str(REPO / ".venv-sglang" / "bin" / "python"))
@@ -124,23 +124,12 @@ def test_weight_update_is_versioned_and_takes_effect(served):
 def test_routes_are_the_experts_of_a_teacher_forced_forward(served):
     """return_routes: SGLang's routed experts (every fed token: the prompt, then each output token but the last)
     equal those transformers' routers pick in one teacher-forced forward of the whole sequence."""
-    import transformers
-
     root, engine = served
     engine.update_weights(root / "v0", "step-0")
     routed = SGLangEngine(engine.tokenizer, urls=engine.urls, route_shape=(2, 2))
     routed.check_routes_available()
     out = routed.generate(["3142:", "90:"], 2, SamplingParams(max_new_tokens=6, seed=3), return_routes=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(root / "v0").eval()
-    picked = {}
-    for index, layer in enumerate(model.model.layers):
-        layer.mlp.gate.register_forward_hook(lambda m, a, o, i=index: picked.__setitem__(i, o[2]))
-    for c in (c for group in out for c in group):
-        with torch.no_grad():
-            model(torch.tensor([c.prompt_ids + c.output_ids]))
-        expected = torch.stack([picked[i] for i in range(2)], dim=1)[:-1]
-        assert c.routes.shape == expected.shape == (len(c.prompt_ids) + len(c.output_ids) - 1, 2, 2)
-        assert torch.equal(c.routes.sort(-1).values, expected.sort(-1).values.to(torch.int16))
+    assert_transformers_routes(root / "v0", [c for group in out for c in group])
 
 
 def test_r3_makes_the_trainers_log_probs_sglangs_on_a_near_tie_model(served):
