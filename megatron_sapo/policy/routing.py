@@ -75,9 +75,8 @@ class RouteTracker:
         if self._replaying:
             with torch.no_grad():
                 ids = torch.topk(module.gating(inputs[0]), module.topk, dim=-1).indices.reshape(-1, module.topk)
-        else:
-            routing_map = output[1]
-            ids = routing_map.nonzero()[:, 1].view(routing_map.shape[0], module.topk)
+        else:  # the k experts of the routing map (topk rather than nonzero: no device sync)
+            ids = output[1].to(torch.int32).topk(module.topk, dim=-1).indices
         self._current[index] = ids.sort(dim=-1).values.to(torch.int16)
 
     def begin(self, micro_batch: int, replay: list[torch.Tensor] | None = None) -> None:
@@ -119,14 +118,15 @@ class RouteTracker:
     def count_agreement(self, mine: Routes, reference: Routes, valid: list[torch.Tensor]) -> torch.Tensor:
         """[num_layers, 2]: per global layer, (top-k sets of `mine` equal to `reference`, sets compared), over the
         valid tokens (`valid`: per micro-batch, [tokens] bool in the routers' order) whose reference is known."""
-        counts = torch.zeros(self.num_layers, 2, dtype=torch.float64)
+        counts = None
         for picks, ref, ok in zip(mine, reference, valid):
             for layer, a, b in zip(self.layers, picks, ref):
+                if counts is None:  # on the routes' device: summed there, read once (no sync per layer)
+                    counts = torch.zeros(self.num_layers, 2, dtype=torch.float64, device=b.device)
                 known = ok.to(b.device) & (b >= 0).all(dim=-1)
                 same = (a.to(b.device) == b).all(dim=-1) & known
-                counts[layer, 0] += same.sum().item()
-                counts[layer, 1] += known.sum().item()
-        return counts
+                counts[layer] += torch.stack([same.sum(), known.sum()]).to(torch.float64)
+        return counts if counts is not None else torch.zeros(self.num_layers, 2, dtype=torch.float64)
 
     @staticmethod
     def agreement(counts: torch.Tensor, name: str, device) -> dict[str, float]:
