@@ -17,6 +17,9 @@ GPU code paths that the CPU test suite cannot reach:
   export_reloads           transformers loads the export with no missing / unexpected / mismatched tensor, and its own
                            save_pretrained writes the same tensors back
   export_logprobs_match    the reloaded transformers model's log-probs against the policy's, within bf16's error
+  routing_replay_r2        MoE routing replay (policy.routing_replay=r2, Megatron's RouterReplay): two updates of a
+                           new policy, in which every router uses exactly the experts its old-log-prob forward
+                           picked (read back from its routing map), with routing/replay_agree 1 in the first
 
 Prints one JSON object (also written to --json); exit status 1 when a check fails. A phase that raises is reported
 (check PHASE_completed false, its traceback's end under "errors") and the later phases still run.
@@ -232,6 +235,34 @@ class PolicyCheck:
         self.checks["export_logprobs_match"] = agreement["ok"]
 
 
+    def routing(self) -> None:
+        import dataclasses
+
+        import torch
+
+        from megatron_sapo.losses import LossConfig
+        from megatron_sapo.policy.policy import Policy
+
+        policy = Policy(dataclasses.replace(self.cfg, routing_replay="r2"))
+        used = []
+
+        def keep(module, inputs, output):
+            used.append(output[1].to(torch.int32).topk(module.topk, dim=-1).indices.sort(-1).values.to(torch.int16))
+        for router in policy.routes.routers:
+            router.register_forward_hook(keep)
+        held, agree = [], []
+        for seed in (3, 4):
+            batch = make_batch(self.vocab, seed, self.device)
+            batch.old_log_probs, batch.old_routes = policy.old_log_probs(batch.input_ids)
+            used.clear()
+            metrics = policy.train_step(batch, LossConfig(loss_type="grpo"))
+            recorded = [ids for micro in batch.old_routes for ids in micro]
+            held.append(len(used) == len(recorded) > 0 and all(torch.equal(a, b) for a, b in zip(used, recorded)))
+            agree.append(metrics["routing/replay_agree"])
+        self.result["routing"] = {"routes_held": held, "replay_agree": agree}
+        self.checks["routing_replay_r2"] = all(held) and agree[0] == 1.0
+
+
 def run(out: Path, on_gpu: bool, layer_spec: str) -> dict:
     import torch
 
@@ -243,7 +274,7 @@ def run(out: Path, on_gpu: bool, layer_spec: str) -> dict:
         raise SystemExit("no CUDA GPU: this check runs on one (--cpu runs it on the CPU)" if on_gpu else
                          "--cpu is for machines without a GPU: the policy uses CUDA whenever it is there")
     check = PolicyCheck(out, on_gpu)
-    for name in ("build", "logprobs", "train", "checkpoint", "export"):
+    for name in ("build", "logprobs", "train", "checkpoint", "export", "routing"):
         check.run_phase(name)
     return {**check.result, "checks": check.checks}
 
