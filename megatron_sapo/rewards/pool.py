@@ -19,6 +19,9 @@ and what it imports at top level every worker imports too: ~0.3 s under pytest o
 worker that has reported ready, so start-up never counts against a call's timeout, and a replacement starts while
 the other workers go on: a hang costs its batch about `timeout_s`, not a pool restart.
 
+A worker that dies between batches (killed, out of memory) is replaced before the next batch, and one found dead when
+a sample is sent to it gets its unstarted samples moved to the others: only a death during a call costs a sample.
+
 Outcomes of one call, as counted in `RewardStats`: ok; raised (an exception, `SystemExit` included); timed_out;
 invalid (a return value that is not a real number, or is NaN / infinite; a bool counts as 0 / 1); crashed (the
 worker died in the call, e.g. a segfault). Every outcome but ok yields `failure_reward`.
@@ -204,8 +207,12 @@ class RewardPool:
         results: list = [None] * len(tasks)
         pending = deque(range(len(tasks)))
         remaining = len(tasks)
+        for slot, worker in enumerate(self._workers):
+            if not worker.process.is_alive():  # died between batches (killed, out of memory): nothing of it is lost
+                self._replace(slot)
         while remaining:
-            for worker in self._workers:
+            for slot in range(len(self._workers)):
+                worker = self._workers[slot]
                 while worker.ready and pending and (not worker.sent or worker.sent_bytes + _size(tasks[pending[0]])
                                                     <= IN_FLIGHT_BYTES):
                     index = pending.popleft()
@@ -213,7 +220,13 @@ class RewardPool:
                         worker.deadline = time.monotonic() + self.config.timeout_s
                     worker.sent.append(index)
                     worker.sent_bytes += _size(tasks[index])
-                    worker.conn.send((index, *tasks[index]))
+                    try:
+                        worker.conn.send((index, *tasks[index]))
+                    except OSError:  # it died before reading any of them: they go to the others, none ran
+                        pending.extendleft(reversed(worker.sent))
+                        worker.sent.clear()
+                        self._replace(slot)
+                        break
             next_deadline = min(w.deadline if w.ready else w.startup_deadline for w in self._workers)
             timeout = None if next_deadline == math.inf else max(0.0, next_deadline - time.monotonic())
             readable = wait([w.conn for w in self._workers], timeout=timeout)

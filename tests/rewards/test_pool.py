@@ -86,6 +86,19 @@ def test_pool_keeps_working_when_every_worker_hangs_or_dies(pool):
     assert rewards == [float(v) for v in range(10)] and stats.ok == 10
 
 
+def test_a_worker_killed_while_idle_is_replaced_before_the_next_batch(pool):
+    """A real fault: SIGKILL to an idle worker (as the OOM killer would send) between two batches; the next batch
+    completes with every sample scored and none counted as failed."""
+    pool.score(echo(range(4)))
+    victim = pool._workers[0].process
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(timeout=10)
+    assert not victim.is_alive()
+    rewards, stats = pool.score(echo(range(20)))
+    assert rewards == [float(v) for v in range(20)] and (stats.ok, stats.failed) == (20, 0)
+    assert pool._workers[0].process is not victim
+
+
 def test_one_worker_takes_samples_ahead_and_times_each_on_its_own():
     """Samples are sent to a worker ahead of its answers, but each has the whole timeout from the moment its turn
     comes: three slow calls in a row (0.5 s each, 1.5 s together) all pass a 1 s timeout; a hang costs its sample,
