@@ -51,7 +51,11 @@ class SafetensorsFolder:
             path = model_dir / name
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is listed in the index but missing")
-            handle = safe_open(str(path), framework="pt")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as err:  # safetensors' own error type: a header it cannot read, a file cut short
+                raise WeightMismatchError(f"{path} is not a readable safetensors file (truncated or damaged?): "
+                                          f"{err}") from None
             self._files.append(handle)
             self._where.update({key: handle for key in handle.keys()})
 

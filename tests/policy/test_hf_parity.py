@@ -65,6 +65,15 @@ def test_weights_of_another_model_are_rejected(tmp_path):
         load_hf_weights(model, arch, tmp_path / "b", padded_vocab_size(arch, PolicyConfig()))
 
 
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+    tiny_models().build("qwen3", tmp_path / "a")
+    arch, model = _megatron(tmp_path / "a")
+    path = tmp_path / "a" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(WeightMismatchError, match=r"model.safetensors is not a readable safetensors file \(truncated"):
+        load_hf_weights(model, arch, tmp_path / "a", padded_vocab_size(arch, PolicyConfig()))
+
+
 def test_layout_that_does_not_divide_the_model_is_named(tmp_path):
     tiny_models().build("qwen3_moe", tmp_path)
     arch = read_hf_config(tmp_path)
