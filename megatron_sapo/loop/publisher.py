@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..policy.hf_stream import sender_stage
-from ..policy.parallel import cpu_world_group
+from ..policy.parallel import cpu_world_group, first_error
 
 KEEP_FOLDERS = 2
 GROUP_NAME = "megatron_sapo_weights"
@@ -81,7 +81,7 @@ class WeightPublisher:
             opened = None
         except SGLangError as err:
             opened = str(err)
-        failed = _agree(opened)  # the session is open before any stage sends
+        failed = first_error(opened)  # the session is open before any stage sends
         if failed is None:
             failed = self._send_stages(step)
         if failed is not None:
@@ -110,8 +110,8 @@ class WeightPublisher:
                 error = str(err)
             except ValueError as err:
                 mismatch = str(err)
-        mismatch = _agree(mismatch)
-        failed = _agree(error)
+        mismatch = first_error(mismatch)
+        failed = first_error(error)
         if main:
             try:
                 if failed is None and mismatch is None:
@@ -122,7 +122,7 @@ class WeightPublisher:
                 self.group.close_session(best_effort=failed is not None or mismatch is not None)
         if mismatch is not None:
             raise ValueError(f"distributed weight sync: {mismatch}")
-        return _agree(failed)
+        return first_error(failed)
 
     def _form_groups(self, engine) -> None:
         """Each sender forms its group with the servers, one stage after another (a server forms one group at a
@@ -143,7 +143,7 @@ class WeightPublisher:
                     self.group = self._form_group(urls, stage, main_host)
                 except SGLangError as err:
                     error = str(err)
-            error = _agree(error)
+            error = first_error(error)
         if error:
             raise SGLangError(error)
         self.formed = True
@@ -169,10 +169,3 @@ class WeightPublisher:
             self.group.close()
             self.group = None
         self.formed = False
-
-
-def _agree(error: str | None) -> str | None:
-    """The first rank's error, on every rank (collective over all ranks): a failure on one stage stops them all."""
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error, group=cpu_world_group())
-    return next((e for e in errors if e is not None), None)

@@ -11,7 +11,9 @@ plan's metadata (~100 bytes per tensor).
 
 Atomic: everything goes into a staging folder beside OUT, which must be on a file system that every sender sees (as
 for SGLang's disk sync); when every sender has flushed its shards, global rank 0 writes the index and renames the
-folder into place, so a crash leaves the previous folder (or none), never a partial one.
+folder into place, so a crash leaves the previous folder (or none), never a partial one. A write error on any rank
+(disk full, permissions) is agreed by all ranks, which keep streaming to the end and then raise ExportError naming
+the file and the OS error: no rank is left waiting in a collective, and the staging folder is removed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ CARRIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                       torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+class ExportError(OSError):
+    """Writing an export failed on some rank (disk full, permissions): raised on every rank, naming the file."""
+
+
+def _describe(err: OSError, path: Path) -> str:
+    return f"{err.filename or path}: {err.strerror or err}"
 
 
 class Shard(NamedTuple):
@@ -82,22 +92,37 @@ class ShardWriter:
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
         self.path, self.pending = path, deque(specs)
         self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(text)) + text)
+        try:
+            self._file.write(struct.pack("<Q", len(text)) + text)
+        except OSError as err:
+            self._file.close()
+            err.filename = err.filename or str(path)
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected = self.pending.popleft() if self.pending else None
         got = TensorSpec(name, tuple(tensor.shape), tensor.dtype)
         if got != expected:
             raise RuntimeError(f"{self.path.name}: the stream gave {got}, the planned layout expects {expected}")
-        self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        try:
+            self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        except OSError as err:  # name the file: a write error alone says only "No space left on device"
+            err.filename = err.filename or str(self.path)
+            raise
 
-    def close(self) -> None:
+    def close(self, *, abandon: bool = False) -> None:
+        """Flush the file to disk; `abandon` (the export failed elsewhere): just close it."""
+        if abandon:
+            self._file.close()
+            return
         if self.pending:
             raise RuntimeError(f"{self.path.name}: {len(self.pending)} planned tensors never came, e.g. "
                                f"{self.pending[0].name}")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
 
 
 def write_index(folder: Path, shards: list[Shard]) -> None:
@@ -120,7 +145,7 @@ def export_hf(model, arch: HFArchitecture, out_dir: str | Path, source_dir: str 
               shard_bytes: int = DEFAULT_SHARD_BYTES, bucket_bytes: int = 512 << 20) -> Path:
     """Write the model as a sharded HF folder at `out_dir` (see the module docstring). Collective: every rank of the
     model calls it; returns when the folder is in place."""
-    from .parallel import cpu_world_group
+    from .parallel import cpu_world_group, first_error
 
     out_dir, source_dir = Path(out_dir).resolve(), Path(source_dir)
     group = cpu_world_group()
@@ -134,20 +159,41 @@ def export_hf(model, arch: HFArchitecture, out_dir: str | Path, source_dir: str 
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier(group=group)
-    writers = deque(ShardWriter(staging / shard.file, shard.specs) for shard in shards if shard.stage == stage)
+    error = None
+    writers: deque[ShardWriter] = deque()
+    try:
+        writers.extend(ShardWriter(staging / s.file, s.specs) for s in shards if s.stage == stage)
+    except OSError as err:
+        error = _describe(err, staging)
     for bucket in hf_buckets(model, arch, bucket_bytes):
-        for name, tensor in bucket:
-            while not writers[0].pending:
-                writers.popleft().close()
-            writers[0].write(name, tensor)
-    for writer in writers:
-        writer.close()
-    dist.barrier(group=group)  # every sender's shards are on disk
-    if dist.get_rank() == 0:
-        write_index(staging, shards)
-        for name in CARRIED_FILES:
-            if (source_dir / name).is_file():
-                shutil.copy2(source_dir / name, staging / name)
-        replace_folder(staging, out_dir)
-    dist.barrier(group=group)
+        if error is not None:
+            continue  # this rank still takes part in the stream's gathers
+        try:
+            for name, tensor in bucket:
+                while not writers[0].pending:
+                    writers.popleft().close()
+                writers[0].write(name, tensor)
+        except OSError as err:
+            error = _describe(err, writers[0].path if writers else staging)
+    try:
+        while writers:
+            writers.popleft().close(abandon=error is not None)
+    except OSError as err:
+        error = error or _describe(err, staging)
+    error = first_error(error)  # every sender's shards are on disk, or every rank stops here
+    if error is None and dist.get_rank() == 0:
+        try:
+            write_index(staging, shards)
+            for name in CARRIED_FILES:
+                if (source_dir / name).is_file():
+                    shutil.copy2(source_dir / name, staging / name)
+            replace_folder(staging, out_dir)
+        except OSError as err:
+            error = _describe(err, staging)
+    error = first_error(error)
+    if error is not None:
+        if dist.get_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(f"exporting the weights to {out_dir} failed, the previous folder is left as it was: "
+                          f"{error}")
     return out_dir

@@ -61,6 +61,17 @@ def cpu_world_group():
     return _cpu_world[1]
 
 
+def first_error(error: str | None) -> str | None:
+    """The first rank's error message (None: no rank had one), on every rank: a failure on one rank then stops them
+    all at the same point instead of leaving the others waiting in a collective. Collective over all ranks; one
+    all-gather of small objects through the CPU group."""
+    if dist.get_world_size() == 1:
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error, group=cpu_world_group())
+    return next((e for e in errors if e is not None), None)
+
+
 def init_distributed() -> None:
     """Join the process group from the torchrun/srun environment (a world of one when there is none). A world of one
     leaves os.environ as it was: a RANK set here would be inherited by every process this one starts (an srun of
