@@ -184,11 +184,25 @@ class Trainer:
         return flag.item() > 0
 
     def close(self, status: str = "FINISHED") -> None:
-        self.progress.close()
-        self.publisher.close()
+        """Stop every component, each even when another fails to. After a failure, a component that fails to close
+        too (a full disk fails the tracker's last write as well) is reported, not raised: the error that stopped
+        the run is the one to see."""
+        closing = [("the progress line", self.progress.close), ("the weight publisher", self.publisher.close)]
         if self.rollouts is not None:
-            self.rollouts.close()
-            self.rollouts = None
+            closing.append(("the rollout side", self.rollouts.close))
         if self.recorder is not None:
-            self.recorder.close(status)
-            self.recorder = None
+            recorder = self.recorder
+            closing.append(("the run recorder", lambda: recorder.close(status)))
+        self.rollouts = self.recorder = None
+        first = None
+        for what, close in closing:  # every one of them, whatever fails: no orphaned servers or workers
+            try:
+                close()
+            except Exception as err:
+                if status == "FAILED":
+                    self.say(f"while stopping after a failure, closing {what} failed too: {type(err).__name__}: "
+                             f"{err}")
+                elif first is None:
+                    first = err
+        if first is not None:
+            raise first

@@ -19,7 +19,7 @@ SGLANG_PYTHON = os.environ.get("SAPO_SGLANG_PYTHON", str(REPO / ".venv-sglang" /
 pytestmark = pytest.mark.slow
 
 
-def train(demo: Path, out: Path, *overrides: str, launcher=(), env=None, timeout=600):
+def train(demo: Path, out: Path, *overrides: str, launcher=(), env=None, timeout=600, check=True):
     args = [*launcher, CLI, "train", str(REPO / "recipes" / "tiny_cpu.yaml"), f"output_dir={out}",
             f"policy.model_path={demo / 'model'}", f"data.train_files=[{demo / 'train.jsonl'}]",
             f"data.eval_files=[{demo / 'eval.jsonl'}]", "data.prompts_per_step=8", "trainer.eval_prompts=16",
@@ -27,6 +27,8 @@ def train(demo: Path, out: Path, *overrides: str, launcher=(), env=None, timeout
     run_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     run_env.update(OMP_NUM_THREADS="1", **(env or {}))
     result = subprocess.run(args, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)
+    if not check:
+        return result.returncode, result.stdout + result.stderr
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout + result.stderr
 
@@ -313,3 +315,31 @@ def test_r3_run_replays_the_engines_routes_on_every_rank(demo, tmp_path, layout)
     for key in ("routing/engine_agree", "routing/replay_agree", "routing/replay_agree_min_layer"):
         values = steps_of(client, run, key)
         assert [s for s, _ in values] == [1, 2] and all(0 < v <= 1 for _, v in values), (key, values)
+
+
+def test_a_full_disk_stops_the_run_with_the_checkpoint_named_and_the_last_one_resumable(demo, tmp_path):
+    """A real full disk: output_dir on a 4 MB tmpfs, a checkpoint every step. The first checkpoint fits, the second
+    does not: the run fails with a CheckpointError naming the checkpoint, the free space and the newest complete
+    checkpoint (the tracker's own failing writes on the way out do not hide it), no partial checkpoint is left, and
+    the run copied to a roomy disk resumes from step 1 and finishes."""
+    import shutil
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        code, log = train(demo, disk / "run", "trainer.steps=4", "trainer.checkpoint_every=1", "trainer.eval_every=0",
+                          check=False)
+        assert code != 0
+        last = log.strip().splitlines()[-1]
+        assert "CheckpointError: saving checkpoint step_00000002" in last and "0 bytes free" in last, last
+        assert "the newest complete checkpoint is step_00000001, left as it was" in last, last
+        assert sorted(p.name for p in (disk / "run" / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+        shutil.copytree(disk / "run", tmp_path / "run")
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    log = train(demo, tmp_path / "run", "trainer.steps=4", "trainer.checkpoint_every=1", "trainer.eval_every=0")
+    assert "resuming from" in log and "step_00000001" in log and "step 4/4" in log

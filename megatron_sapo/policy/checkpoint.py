@@ -5,7 +5,8 @@ Layout of a checkpoint root:
   step_00000012/      one checkpoint: dist_checkpointing files + megatron_sapo.json (what model, which step)
   latest              the name of the newest complete checkpoint
 Saving writes into a temporary folder beside its final name and renames it when every rank has finished, then
-rewrites `latest` atomically, so a crash leaves the previous checkpoint and `latest` intact. Loading checks
+rewrites `latest` atomically, so a crash leaves the previous checkpoint and `latest` intact; a failed save (a full
+disk) is agreed by every rank, removes its temporary folder and is a CheckpointError naming the free space left. Loading checks
 megatron_sapo.json against the model first: a checkpoint of another model, or a damaged one, is a CheckpointError
 that names the difference or the cause, never a partial load.
 """
@@ -144,23 +145,47 @@ def save_checkpoint(policy, root: str | Path, extra: dict | None = None, *, numb
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    with cpu_compat.cuda_as_cpu():
-        dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(tmp))
-    _barrier()
-    if dist.get_rank() == 0:
-        manifest = {"step": policy.step, "world_size": dist.get_world_size(), "model": _model_identity(policy),
-                    "policy_config": asdict(policy.cfg), "extra": extra or {}}
-        for name, value in (attachments or {}).items():
-            torch.save(value, tmp / name)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        old = root / f".{final.name}.old"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-        write_atomic(root / LATEST, final.name + "\n")
-    _barrier()
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from .parallel import first_error
+
+    error = None
+    try:
+        with cpu_compat.cuda_as_cpu():
+            dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(tmp))
+    except (Exception, CheckpointException) as err:  # a full disk surfaces as torch's zip writer failing
+        error = _last_line(err)
+    error = first_error(error)  # no rank goes on to the barrier while another failed
+    if error is None and dist.get_rank() == 0:
+        try:
+            manifest = {"step": policy.step, "world_size": dist.get_world_size(), "model": _model_identity(policy),
+                        "policy_config": asdict(policy.cfg), "extra": extra or {}}
+            for name, value in (attachments or {}).items():
+                torch.save(value, tmp / name)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            old = root / f".{final.name}.old"
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+            write_atomic(root / LATEST, final.name + "\n")
+        except OSError as err:
+            error = f"{err.filename or tmp}: {err.strerror or err}"
+    error = first_error(error)
+    if error is not None:
+        free = shutil.disk_usage(root).free  # before the partial checkpoint's files are removed
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root) if (root / LATEST).is_file() else None
+        raise CheckpointError(f"saving checkpoint {final.name} in {root} failed: {error} (its file system had "
+                              f"{free} bytes free); the newest complete checkpoint is "
+                              f"{previous.name if previous else 'none'}, left as it was")
     return final
+
+
+def _last_line(err: BaseException) -> str:
+    cause = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+    return f"{type(err).__name__}: {cause}"
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -212,8 +237,7 @@ def load_checkpoint(policy, path: str | Path, *, model_only: bool = False) -> di
     # dist_checkpointing raises many kinds (torch's CheckpointException is a BaseException); all mean the files
     # cannot be used
     except (Exception, CheckpointException) as err:
-        cause = str(err).strip().splitlines()[-1] if str(err).strip() else ""
-        raise CheckpointError(f"cannot load {path}: {type(err).__name__}: {cause}") from err
+        raise CheckpointError(f"cannot load {path}: {_last_line(err)}") from err
     policy.model.module.load_state_dict(state["model"])
     if model_only:
         return manifest.get("extra", {})
