@@ -6,9 +6,9 @@ Layout of a checkpoint root:
   latest              the name of the newest complete checkpoint
 Saving writes into a temporary folder beside its final name and renames it when every rank has finished, then
 rewrites `latest` atomically, so a crash leaves the previous checkpoint and `latest` intact; a failed save (a full
-disk) is agreed by every rank, removes its temporary folder and is a CheckpointError naming the free space left. Loading checks
-megatron_sapo.json against the model first: a checkpoint of another model, or a damaged one, is a CheckpointError
-that names the difference or the cause, never a partial load.
+disk) is agreed by every rank, removes its temporary folder and is a CheckpointError naming the free space left.
+Loading checks megatron_sapo.json against the model first: a checkpoint of another model, or a damaged one, is a
+CheckpointError that names the difference or the cause, never a partial load.
 """
 
 from __future__ import annotations
