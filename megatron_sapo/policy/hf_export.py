@@ -155,16 +155,20 @@ def export_hf(model, arch: HFArchitecture, out_dir: str | Path, source_dir: str 
     dist.all_gather_object(plans, mine, group=group)
     shards = shard_layout([plan for plan in plans if plan[0] is not None], shard_bytes)
     staging = out_dir.parent / f".{out_dir.name}.staging"
+    error = None
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    dist.barrier(group=group)
-    error = None
+        try:
+            staging.mkdir(parents=True)
+        except OSError as err:
+            error = _describe(err, staging)
+    error = first_error(error)  # the staging folder exists before any sender writes into it
     writers: deque[ShardWriter] = deque()
-    try:
-        writers.extend(ShardWriter(staging / s.file, s.specs) for s in shards if s.stage == stage)
-    except OSError as err:
-        error = _describe(err, staging)
+    if error is None:
+        try:
+            writers.extend(ShardWriter(staging / s.file, s.specs) for s in shards if s.stage == stage)
+        except OSError as err:
+            error = _describe(err, staging)
     for bucket in hf_buckets(model, arch, bucket_bytes):
         if error is not None:
             continue  # this rank still takes part in the stream's gathers
