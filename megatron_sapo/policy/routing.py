@@ -49,8 +49,8 @@ Routes = list[list[torch.Tensor]]  # [micro-batch][router] -> [tokens, k] int16
 
 class RouteTracker:
     """Hooks on this rank's routers that keep, per micro-batch, what each router picked by itself, and the switch
-    that makes them replay given routes (Megatron's RouterReplay). `begin(i, replay)` before micro-batch i's forward,
-    `finish()` after the schedule; `captured` then holds the micro-batches' own picks."""
+    that makes them replay given routes (Megatron's RouterReplay). `begin(i, replay)` before micro-batch i's forward;
+    `finish()` after the schedule returns the micro-batches' own picks and switches replay off."""
 
     def __init__(self, model, num_layers: int):
         from megatron.core.transformer.moe.router import TopKRouter
@@ -64,10 +64,6 @@ class RouteTracker:
         self._replaying = False
         for index, router in enumerate(self.routers):
             router.register_forward_hook(partial(self._capture, index))
-
-    @property
-    def topk(self) -> int:
-        return self.routers[0].topk if self.routers else 0
 
     def _capture(self, index: int, module, inputs, output) -> None:
         if self._current is None:
