@@ -97,3 +97,58 @@ def test_the_job_killed_at_random_moments_resumes_from_its_last_checkpoint(demo,
     assert all(0 <= n <= 1 for n in lost), lost  # a checkpoint every step: at most the step in flight
     print(f"\nSIGKILL of the whole job: {len(lost)} injections at steps {killed_at}, steps lost {lost}, "
           f"seconds to the first step after each restart {[round(s, 1) for s in recover]}")
+
+
+LOCKER = r"""
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], timeout=60, isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+"""
+
+
+def test_a_locked_mlflow_store_holds_up_nothing_and_loses_nothing(demo, tmp_path):
+    """Another process holds the run's sqlite MLflow store locked (BEGIN EXCLUSIVE) for 22 s, longer than MLflow's
+    own 20 s busy timeout and than the rest of the run: the steps go on during the lock, the run ends with records
+    unsent, and the next start of the same command sends every one of them: nothing is lost."""
+    import sys
+
+    from .test_trainer import mlflow_run, steps_of
+
+    out = tmp_path / "run"
+    steps = 30
+    command = _command(demo, out)
+    command = [c for c in command if not c.startswith(("tracking.enabled", "trainer.steps", "trainer.checkpoint"))]
+    command += [f"trainer.steps={steps}", "trainer.checkpoint_every=0", "tracking.retry_interval_s=1"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(OMP_NUM_THREADS="1")
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, stepped = [], threading.Event()
+
+    def read():
+        for line in job.stdout:
+            lines.append((time.monotonic(), line))
+            if line.startswith("step "):
+                stepped.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert stepped.wait(timeout=300), "".join(line for _, line in lines)[-3000:]
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(out / "mlflow" / "mlflow.db"), "22"],
+                              stdout=subprocess.PIPE, text=True)
+    assert locker.stdout.readline().strip() == "locked"
+    locked_at = time.monotonic()
+    assert job.wait(timeout=600) == 0, "".join(line for _, line in lines)[-3000:]
+    reader.join(timeout=10)
+    locker.wait(timeout=60)
+    during = [line for t, line in lines if locked_at < t < locked_at + 25 and line.startswith("step ")]
+    assert len(during) >= 5, "training waited for the tracking store"
+    # the run ended inside the lock: what the store did not take is in metrics.jsonl (marked as not sent) and the
+    # records of pending.jsonl; the next start of the same command, here a rerun of the finished run, sends them
+    assert (out / "mlflow" / "pending.jsonl").is_file(), "the lock did not hold up the store"
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"already at step {steps} of {steps}" in again.stdout + again.stderr
+    client, run = mlflow_run(out)
+    assert [s for s, _ in steps_of(client, run, "reward/mean")] == list(range(1, steps + 1))
+    assert run.info.status == "FINISHED"
