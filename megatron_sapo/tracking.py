@@ -105,6 +105,22 @@ def find_run_id(output_dir: str | Path) -> str | None:
     return run_id or None
 
 
+def _create_embedded_store(path: Path, artifacts: Path) -> None:
+    """Create the embedded sqlite store in a file of its own, then move it into place. MLflow builds its tables in a
+    series of migrations: one interrupted (a crash, another process holding the file locked past sqlite's busy
+    timeout) would leave a half-migrated store that MLflow can never open again (found by tests/test_faults.py:
+    "duplicate column name" at every later open), and the run's tracking lost with it."""
+    if path.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    store = SqlAlchemyStore("sqlite:///" + str(tmp), artifacts.resolve().as_uri())
+    store.engine.dispose()
+    os.replace(tmp, path)
+
+
 def _is_transient(error: Exception) -> bool:
     """A failure worth retrying (no answer, a timeout, a 5xx or 429 answer), as opposed to a request the tracking
     store rejected (4xx: invalid name, changed param, unknown run) or a local file that is gone."""
@@ -378,7 +394,9 @@ class Tracker:
         from mlflow.entities import Metric
 
         if self._client is None:
-            self._client = self._client_class(self.tracking_uri)  # the sqlite store creates its tables here
+            if self.tracking_uri == _embedded_uri(self.output_dir):
+                _create_embedded_store(self.root / "mlflow.db", self.root / "artifacts")
+            self._client = self._client_class(self.tracking_uri)
         client, op = self._client, record["op"]
         if op == "start_run":
             self._current = self._start_run(record)
