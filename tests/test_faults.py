@@ -1,4 +1,7 @@
-"""Fault injection into real runs of `megatron-sapo train` (issue 15): the whole job SIGKILLed at random moments.
+"""Fault injection into real runs of `megatron-sapo train` (issue 15): the whole job SIGKILLed at random moments, and
+the run's MLflow store locked by another process. (Other faults are tested beside the code they hit: a reward worker
+killed while idle in tests/rewards, a full disk under a checkpoint in tests/test_trainer.py and under an export in
+tests/policy/test_hf_stream.py, a SGLang server killed mid-batch in tests/rollout/test_sglang.py.)
 
 The demo run (embedded engine, a checkpoint every step, so the kills land in generation, training, weight exports
 and checkpoint writes alike) is started and SIGKILLed (its whole process group, as a node failure or the OOM killer
