@@ -160,6 +160,7 @@ class Tracker:
         self.output_dir = Path(output_dir)
         self.root = self.output_dir / "mlflow"
         self.tracking_uri = resolve_tracking_uri(cfg, self.output_dir)
+        self._embedded = self.tracking_uri == _embedded_uri(self.output_dir)  # the sqlite store in output_dir
         self.run_id = run_id
         self._closed = False
         self._renamed: set[str] = set()  # names already warned about
@@ -309,11 +310,10 @@ class Tracker:
             self._cond.notify_all()
 
     def _start_record(self, run_id: str | None, continue_previous: bool = False) -> dict:
-        embedded = self.tracking_uri == _embedded_uri(self.output_dir)
         return {"op": "start_run", "run_id": run_id, "continue_previous": continue_previous,
                 "experiment": self.cfg.experiment,
                 "run_name": self.cfg.run_name or self.output_dir.resolve().name,
-                "artifact_location": (self.root / "artifacts").resolve().as_uri() if embedded else None,
+                "artifact_location": (self.root / "artifacts").resolve().as_uri() if self._embedded else None,
                 "tags": {"output_dir": str(self.output_dir.resolve())}}
 
     # -- pending.jsonl: what a closed Tracker could not send ---------------------------------------------------------
@@ -394,7 +394,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         if self._client is None:
-            if self.tracking_uri == _embedded_uri(self.output_dir):
+            if self._embedded:
                 _create_embedded_store(self.root / "mlflow.db", self.root / "artifacts")
             self._client = self._client_class(self.tracking_uri)
         client, op = self._client, record["op"]

@@ -134,9 +134,9 @@ class WeightPublisher:
         box = [(engine.urls, socket.gethostname()) if engine is not None else None]
         dist.broadcast_object_list(box, src=0, group=cpu_world_group())
         urls, main_host = box[0]
-        stages = [None] * dist.get_world_size()
-        dist.all_gather_object(stages, sender_stage(self.policy.module, self.policy.arch), group=cpu_world_group())
         mine, error = sender_stage(self.policy.module, self.policy.arch), None
+        stages = [None] * dist.get_world_size()
+        dist.all_gather_object(stages, mine, group=cpu_world_group())
         for stage in sorted(s for s in stages if s is not None):
             if mine == stage and error is None:
                 try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..atomic import write_atomic
+from ..atomic import describe_os_error, replace_folder, write_atomic
 from . import cpu_compat
 
 MANIFEST = "megatron_sapo.json"
@@ -163,20 +163,16 @@ def save_checkpoint(policy, root: str | Path, extra: dict | None = None, *, numb
             for name, value in (attachments or {}).items():
                 torch.save(value, tmp / name)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            old = root / f".{final.name}.old"
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_folder(tmp, final)
             write_atomic(root / LATEST, final.name + "\n")
         except OSError as err:
-            error = f"{err.filename or tmp}: {err.strerror or err}"
+            error = describe_os_error(err, tmp)
     error = first_error(error)
     if error is not None:
         free = shutil.disk_usage(root).free  # before the partial checkpoint's files are removed
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(root) if (root / LATEST).is_file() else None
+        previous = latest_checkpoint(root)
         raise CheckpointError(f"saving checkpoint {final.name} in {root} failed: {error} (its file system had "
                               f"{free} bytes free); the newest complete checkpoint is "
                               f"{previous.name if previous else 'none'}, left as it was")

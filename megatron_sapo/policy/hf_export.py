@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from ..atomic import describe_os_error, replace_folder
 from .hf_config import HFArchitecture
 from .hf_stream import TensorSpec, hf_buckets, sender_stage, stage_plan
 
@@ -44,10 +45,6 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
 
 class ExportError(OSError):
     """Writing an export failed on some rank (disk full, permissions): raised on every rank, naming the file."""
-
-
-def _describe(err: OSError, path: Path) -> str:
-    return f"{err.filename or path}: {err.strerror or err}"
 
 
 class Shard(NamedTuple):
@@ -132,15 +129,6 @@ def write_index(folder: Path, shards: list[Shard]) -> None:
                                             "weight_map": dict(sorted(weight_map.items()))}, indent=2))
 
 
-def replace_folder(staging: Path, out_dir: Path) -> None:
-    """Put the finished `staging` folder at `out_dir`: the old folder is moved aside, then removed."""
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_hf(model, arch: HFArchitecture, out_dir: str | Path, source_dir: str | Path, *,
               shard_bytes: int = DEFAULT_SHARD_BYTES, bucket_bytes: int = 512 << 20) -> Path:
     """Write the model as a sharded HF folder at `out_dir` (see the module docstring). Collective: every rank of the
@@ -161,14 +149,14 @@ def export_hf(model, arch: HFArchitecture, out_dir: str | Path, source_dir: str 
         try:
             staging.mkdir(parents=True)
         except OSError as err:
-            error = _describe(err, staging)
+            error = describe_os_error(err, staging)
     error = first_error(error)  # the staging folder exists before any sender writes into it
     writers: deque[ShardWriter] = deque()
     if error is None:
         try:
             writers.extend(ShardWriter(staging / s.file, s.specs) for s in shards if s.stage == stage)
         except OSError as err:
-            error = _describe(err, staging)
+            error = describe_os_error(err, staging)
     for bucket in hf_buckets(model, arch, bucket_bytes):
         if error is not None:
             continue  # this rank still takes part in the stream's gathers
@@ -178,12 +166,12 @@ def export_hf(model, arch: HFArchitecture, out_dir: str | Path, source_dir: str 
                     writers.popleft().close()
                 writers[0].write(name, tensor)
         except OSError as err:
-            error = _describe(err, writers[0].path if writers else staging)
+            error = describe_os_error(err, writers[0].path if writers else staging)
     try:
         while writers:
             writers.popleft().close(abandon=error is not None)
     except OSError as err:
-        error = error or _describe(err, staging)
+        error = error or describe_os_error(err, staging)
     error = first_error(error)  # every sender's shards are on disk, or every rank stops here
     if error is None and dist.get_rank() == 0:
         try:
@@ -193,7 +181,7 @@ def export_hf(model, arch: HFArchitecture, out_dir: str | Path, source_dir: str 
                     shutil.copy2(source_dir / name, staging / name)
             replace_folder(staging, out_dir)
         except OSError as err:
-            error = _describe(err, staging)
+            error = describe_os_error(err, staging)
     error = first_error(error)
     if error is not None:
         if dist.get_rank() == 0:
