@@ -64,7 +64,11 @@ install_wheels() {
     # the wheels' modules that are missing (all with GPU_CHECK_INSTALL=always), in one interpreter start
     mapfile -t missing < <("$PY" -c 'import importlib.util, sys
 for m in sys.argv[2:]:
-    if sys.argv[1] == "always" or importlib.util.find_spec(m) is None:
+    try:  # find_spec("megatron.core") raises, not returns None, when "megatron" itself is missing
+        found = importlib.util.find_spec(m) is not None
+    except ModuleNotFoundError:
+        found = False
+    if sys.argv[1] == "always" or not found:
         print(m)' "${GPU_CHECK_INSTALL:-auto}" "${modules[@]}")
     for i in "${!wheels[@]}"; do
         [[ " ${missing[*]} " == *" ${modules[i]} "* ]] && wanted+=("${wheels[i]}")

@@ -214,6 +214,7 @@ class PolicyCheck:
             and math.isclose(saving["grad_norm"], again["grad_norm"], rel_tol=1e-2) and apart <= 0.1)
 
     def export(self) -> None:
+        import torch
         import transformers
 
         from megatron_sapo.policy.hf_weights import read_safetensors
@@ -225,13 +226,19 @@ class PolicyCheck:
             self.out / "export", dtype=next(iter(exported.values())).dtype, output_loading_info=True)
         problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
         reloaded.save_pretrained(self.out / "resaved")
-        self.checks["export_reloads"] = not problems and same_tensors(read_safetensors(self.out / "resaved"),
-                                                                      exported)
+        resaved = read_safetensors(self.out / "resaved")
+        unequal = [k for k in exported.keys() & resaved.keys() if not torch.equal(exported[k], resaved[k])]
+        self.checks["export_reloads"] = not problems and not unequal and exported.keys() == resaved.keys()
+        resave = {"missing": sorted(exported.keys() - resaved.keys())[:8],
+                  "extra": sorted(resaved.keys() - exported.keys())[:8],
+                  "unequal": {k: f"{exported[k].dtype} {list(exported[k].shape)} vs {resaved[k].dtype} "
+                                 f"{list(resaved[k].shape)}" for k in sorted(unequal)[:8]}}
         reloaded.eval()
         ids = self.batch.input_ids
         agreement = bf16_agreement(self.policy.log_probs(ids), reference_log_probs(reloaded, ids),
                                    reference_log_probs(copy.deepcopy(reloaded).float(), ids))
-        self.result["export"] = {"tensors": len(exported), "loading_problems": problems, "logprobs": agreement}
+        self.result["export"] = {"tensors": len(exported), "loading_problems": problems, "resaved": resave,
+                                 "logprobs": agreement}
         self.checks["export_logprobs_match"] = agreement["ok"]
 
 

@@ -1,5 +1,6 @@
 """Policy checkpoints with Megatron-Core dist_checkpointing (torch_dist): model, optimizer, LR scheduler, RNG states
-and step, loadable under another TP / PP / EP layout (the tensors are stored with their global shapes).
+and step, loadable under another TP / PP / EP layout (the tensors are stored with their global shapes); the
+distributed optimizer's state (Megatron's "dp_reshardable" format) resumes when only the data-parallel size changes.
 
 Layout of a checkpoint root:
   step_00000012/      one checkpoint: dist_checkpointing files + megatron_sapo.json (what model, which step)
@@ -112,7 +113,12 @@ def _sharded_state(policy, *, is_loading: bool) -> dict:
     if _layout_free_optimizer(policy):
         optimizer = _optimizer_state(policy, model_state, is_loading=is_loading)
     else:  # Megatron's own format (distributed or mixed-precision optimizer): resume in the same layout
-        optimizer = policy.optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+        # the distributed optimizer's default format in Megatron-Core 0.16 ("fully_sharded_model_space") is refused
+        # by its own torch_dist saver ("ShardedTensor.flattened_range is not supported", seen on an H200):
+        # "dp_reshardable" writes each rank's buffer slices in parallel, with no gather, and resumes when only DP
+        # changes. The other optimizers ignore the key.
+        optimizer = policy.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                        metadata={"distrib_optim_sharding_type": "dp_reshardable"})
     return {
         "model": model_state,
         "optimizer": optimizer,

@@ -34,8 +34,10 @@ def test_logprobs_and_gradient(dtype, atol, case, vocab):
     (rlogp.sum() + 0.5 * torch.where(torch.isfinite(rent), rent, 0.0).sum()).backward()
     torch.testing.assert_close(logp.cpu().double(), rlogp, rtol=1e-5, atol=atol)
     torch.testing.assert_close(ent.cpu().double(), rent, rtol=1e-4, atol=atol * 5)
-    grad_tol = 1e-6 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(x.grad.cpu().double(), xr.grad, rtol=grad_tol, atol=grad_tol)
+    # fp32: the gradient is p * (...) with p = exp(x - lse), and lse sums up to 151,936 terms in the GPU's own order:
+    # a few ulp of lse (~1e-6 at |lse| ~ 12) reach the gradient as ~1e-6 absolute (1.3e-6 seen on an H200)
+    grad_atol, grad_rtol = (4e-6, 1e-5) if dtype == torch.float32 else (1e-2, 1e-2)
+    torch.testing.assert_close(x.grad.cpu().double(), xr.grad, rtol=grad_rtol, atol=grad_atol)
 
 
 @pytest.mark.parametrize("loss_type", ["sapo", "grpo", "gspo"])
