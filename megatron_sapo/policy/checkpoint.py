@@ -105,6 +105,39 @@ def _restore_optimizer_state(policy, loaded: dict) -> None:
                     else loaded["adam_step"]
 
 
+def _materialize_distributed_adam_state(policy) -> None:
+    """torch's Adam creates its per-parameter state at its first step, and Megatron-Core 0.16's distributed optimizer
+    (without apex / TE) reads one common step count from that state when it builds the loading template, asserting
+    it exists: a fresh optimizer gets zeroed state first, which the load then overwrites (seen on an H200)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in _sub_optimizers(policy):
+        if not isinstance(sub, DistributedOptimizer):
+            continue
+        for group in sub.optimizer.param_groups:
+            for param in group["params"]:
+                if not sub.optimizer.state[param]:
+                    sub.optimizer.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                                      exp_avg_sq=torch.zeros_like(param))
+
+
+def _own_step_counters(policy) -> None:
+    """Megatron-Core 0.16's distributed optimizer (without apex / TE) loads one step tensor into every parameter's
+    Adam state; torch's Adam adds 1 to each parameter's counter in place, so a shared one advances by the number of
+    parameters per step and the bias correction goes wrong (a 12% different first update after resuming, seen on an
+    H200). Each parameter gets its own copy."""
+    seen: set[int] = set()
+    for sub in _sub_optimizers(policy):
+        for state in sub.optimizer.state.values():
+            step = state.get("step")
+            if not torch.is_tensor(step):
+                continue
+            if id(step) in seen:
+                state["step"] = step.clone()
+            else:
+                seen.add(id(step))
+
+
 def _sharded_state(policy, *, is_loading: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -117,6 +150,8 @@ def _sharded_state(policy, *, is_loading: bool) -> dict:
         # by its own torch_dist saver ("ShardedTensor.flattened_range is not supported", seen on an H200):
         # "dp_reshardable" writes each rank's buffer slices in parallel, with no gather, and resumes when only DP
         # changes. The other optimizers ignore the key.
+        if is_loading:
+            _materialize_distributed_adam_state(policy)
         optimizer = policy.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
                                                         metadata={"distrib_optim_sharding_type": "dp_reshardable"})
     return {
@@ -234,7 +269,8 @@ def load_checkpoint(policy, path: str | Path, *, model_only: bool = False) -> di
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        with cpu_compat.cuda_as_cpu():
+        # no_grad: the distributed optimizer's format loads in place into views of its fp32 master parameters
+        with cpu_compat.cuda_as_cpu(), torch.no_grad():
             state = dist_checkpointing.load(template, str(path))
     # dist_checkpointing raises many kinds (torch's CheckpointException is a BaseException); all mean the files
     # cannot be used
@@ -246,7 +282,9 @@ def load_checkpoint(policy, path: str | Path, *, model_only: bool = False) -> di
     if _layout_free_optimizer(policy):
         _restore_optimizer_state(policy, state["optimizer"])
     else:
-        policy.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            policy.optimizer.load_state_dict(state["optimizer"])
+        _own_step_counters(policy)
     policy.scheduler.load_state_dict(state["scheduler"])
     policy.step = int(state["step"])
     if same_world:

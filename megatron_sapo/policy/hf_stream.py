@@ -13,8 +13,9 @@ order:
                                its ETP rank 0, which unshards it; then one gather over the expert-parallel group to
                                the sender: expert e * experts_per_rank + j of every EP rank e arrives at once
 Other data-parallel replicas take no part. A tied output layer (PP > 1) is left out: the first stage sends the
-embedding. Cost: at most two gathers per parameter, nothing else; the pieces keep the parameters' dtype and device
-(NCCL on GPUs, gloo on CPU).
+embedding. Cost: at most two gathers per parameter, nothing else; the pieces stay on the parameters' device (NCCL
+on GPUs, gloo on CPU) and leave in the model's params_dtype (Megatron's norms keep fp32 weights in a bf16 model; an
+HF checkpoint and an SGLang server hold one dtype).
 
 Memory bound, every rank, at any time: a sender holds the bucket being filled (at most bucket_bytes, or one HF tensor
 larger than that alone) plus the pieces of one parameter (its full size for a dense one, EP x one expert's for an
@@ -85,13 +86,16 @@ def _hf_tensors(model, arch: HFArchitecture, *, plan_only: bool) -> Iterator[tup
     """(HF name, full tensor) on the stage's sender, in stream order. plan_only: meta tensors, no collective."""
     roles = Roles(arch, model.config)
     lay = roles.lay
+    dtype = model.config.params_dtype
     for name, param in model.named_parameters():
         if name == "output_layer.weight" and arch.tie_word_embeddings:
             continue
         rule = rule_for(name, arch, lay)
         if rule is None:
             raise WeightMismatchError(f"no HF name known for Megatron parameter {name}")
-        value = torch.empty(param.shape, dtype=param.dtype, device="meta") if plan_only else param.detach()
+        # one dtype, the model's: Megatron's local-spec norms keep fp32 weights in a bf16 model, while HF checkpoints
+        # and the SGLang servers hold every tensor in the config's dtype
+        value = torch.empty(param.shape, dtype=dtype, device="meta") if plan_only else param.detach().to(dtype)
         if rule.group == "etp":
             yield from _expert(name, rule, value, arch, roles, plan_only)
         elif roles.dense_holder:

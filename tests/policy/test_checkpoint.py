@@ -192,3 +192,53 @@ def test_checkpoint_reshards_both_ways(trained):
         assert_same_state(observe(policy), expected["state"], f"{name} -> 1 process")
         assert_same_step(off_policy_step(policy, PolicyBatch(**expected["batch"])), expected["step"],
                          f"{name} -> 1 process")
+
+
+def test_shared_adam_step_counters_are_separated_after_a_load():
+    """Megatron-Core 0.16's distributed optimizer (without apex / TE; it needs CUDA, so emulated here with the state
+    dict it builds) loads one step tensor into every parameter's Adam state. torch's AdamW then advances that one
+    counter once per parameter: the bias correction, and the first update after resuming, go wrong (seen on an H200
+    as a 12% different update). checkpoint._own_step_counters gives each parameter its own counter: the next update
+    equals the one of an optimizer that never stopped."""
+    from types import SimpleNamespace
+
+    from megatron_sapo.policy.checkpoint import _own_step_counters
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, generator=g) for _ in range(4)]
+    grads = [[torch.randn(5, generator=g) for _ in start] for _ in range(4)]
+
+    def adam(values):
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        return params, torch.optim.AdamW(params, lr=0.1, betas=(0.9, 0.999))
+
+    def step(params, opt, k):
+        for p, grad in zip(params, grads[k]):
+            p.grad = grad.clone()
+        opt.step()
+
+    ref_params, ref = adam(start)  # never stopped: 4 steps
+    for k in range(4):
+        step(ref_params, ref, k)
+    saved_params, saved = adam(start)
+    for k in range(3):
+        step(saved_params, saved, k)
+    state = saved.state_dict()
+    outcomes = {}
+    for fixed in (False, True):
+        shared = torch.tensor(3.0)  # what Megatron's DistributedOptimizer.load_state_dict hands torch
+        params, opt = adam([p.detach() for p in saved_params])
+        # torch keeps the loaded tensors, and steps them in place: each try loads its own copy of the moments
+        opt.load_state_dict({"state": {k: {**{n: t.clone() for n, t in v.items()}, "step": shared}
+                                       for k, v in state["state"].items()},
+                             "param_groups": state["param_groups"]})
+        if fixed:
+            _own_step_counters(SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt)))
+        step(params, opt, 3)
+        outcomes[fixed] = params, [float(s["step"]) for s in opt.state.values()]
+    params, steps = outcomes[True]
+    assert steps == [4.0] * 4
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_params))
+    # the premise: without the repair the counters run away and the update differs
+    params, steps = outcomes[False]
+    assert steps == [7.0] * 4 and not all(torch.allclose(a, b) for a, b in zip(params, ref_params))
