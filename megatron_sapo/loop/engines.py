@@ -69,7 +69,8 @@ def _start_sglang(cfg, weights: Path, version: int, tokenizer, out: Path, say):
             servers.append(server)
             server.start()
         engine = SGLangEngine(tokenizer, servers=servers, urls=sc.urls, concurrency=sc.concurrency,
-                              retries=sc.retries, route_shape=route_shape)
+                              retries=sc.retries, request_timeout=sc.request_timeout_s,
+                              hang_timeout=sc.hang_timeout_s, route_shape=route_shape)
         if routes:
             engine.check_routes_available()
         engine.update_weights(weights, str(version))  # tags responses with our version (loads ours on attached ones)

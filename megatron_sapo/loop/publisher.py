@@ -157,7 +157,7 @@ class WeightPublisher:
             address = socket.gethostbyname(socket.gethostname())
         return WeightUpdateGroup(urls, master_address=address, backend="nccl" if torch.cuda.is_available() else "gloo",
                                  group_name=f"{GROUP_NAME}_pp{stage}", bucket_bytes=sc.bucket_mb << 20,
-                                 reference_dir=self.folder)
+                                 timeout=sc.update_timeout_s, reference_dir=self.folder)
 
     def _prune(self) -> None:
         for old in sorted(self.root.glob("step_*"))[:-KEEP_FOLDERS]:

@@ -26,6 +26,9 @@ class SGLangConfig:
     concurrency: int = 64  # requests in flight over all servers
     retries: int = 3
     startup_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0  # a generation or disk weight-update request without an answer: retried elsewhere
+    hang_timeout_s: float = 60.0  # a local server that does not answer /health this long is hung: killed, restarted
+    update_timeout_s: float = 300.0  # distributed sync: a server's answer per bucket; past it, sync through a folder
     # "disk": export a versioned HF folder, servers reload it (needs a filesystem both sides see);
     # "distributed": broadcast the tensors over a process group with the servers (NCCL on GPUs, gloo on CPU)
     weight_sync: str = "disk"
@@ -45,8 +48,11 @@ class SGLangConfig:
                 raise ValueError(f"rollout.sglang.{name} must be an integer >= 1, got {value!r}")
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
             raise ValueError(f"rollout.sglang.retries must be an integer >= 0, got {self.retries!r}")
-        if not math.isfinite(self.startup_timeout_s) or self.startup_timeout_s <= 0:
-            raise ValueError(f"rollout.sglang.startup_timeout_s must be > 0, got {self.startup_timeout_s!r}")
+        for name in ("startup_timeout_s", "request_timeout_s", "hang_timeout_s", "update_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"rollout.sglang.{name} must be a number of seconds > 0, got {value!r}")
         bad = [u for u in self.urls if not isinstance(u, str) or not u.startswith(("http://", "https://"))]
         if bad:
             raise ValueError(f"rollout.sglang.urls must be http(s) URLs, got {bad}")

@@ -3,17 +3,22 @@ over HTTP. The only place that knows SGLang's API, with weight_sync.py (weights 
 
 - Prompts are tokenised here and sent as input_ids, so the completion's prompt ids are exact; each of the n samples
   of a prompt is its own request, spread round-robin over the servers by a bounded thread pool.
-- A request that fails on a dropped connection is retried on the next server; a local server whose process died is
-  restarted (and waited for) and its requests re-sent, so a batch completes whatever happens to one server. Each
-  retry and restart is logged (a warning naming the server and the error) and counted in `stats`.
+- A request that fails on a dropped connection, or gets no answer within `request_timeout`, is retried on the next
+  server; a local server whose process died, or that does not answer /health within `hang_timeout` (hung, or
+  stopped by SIGSTOP), is killed and restarted (and waited for) and its requests re-sent, so a batch completes
+  whatever happens to one server. Each retry and restart is logged (a warning naming the server and the error) and
+  counted in `stats`.
 - Weight sync: POST /update_weights_from_disk with the exported folder and a weight_version, then /flush_cache;
-  responses carry meta_info.weight_version, which the caller can check. weight_sync.py broadcasts tensors instead.
+  responses carry meta_info.weight_version, which the caller can check. A local server that dies or hangs during the
+  update is restarted from the new folder and tagged with the new version, so the update completes with the right
+  weights everywhere. weight_sync.py broadcasts tensors instead.
 - The server may live in its own virtual environment (its pins cannot clash with the trainer's): `python` names
   that environment's interpreter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -130,13 +135,34 @@ class SGLangServer:
         with self.log_path.open(errors="replace") as f:
             return "".join(deque(f, maxlen=count))
 
-    def stop(self) -> None:
-        if self.alive():
-            os.killpg(self.process.pid, signal.SIGTERM)
+    def responsive(self, timeout: float) -> bool:
+        """Whether the server answers /health within `timeout` seconds (polled each second); False at once when its
+        process exits meanwhile."""
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            left = deadline - time.monotonic()
             try:
-                self.process.wait(timeout=30)
+                if _get(self.url + "/health", timeout=max(1.0, min(5.0, left))) == 200:
+                    return True
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(1.0)
+        return False
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM to the server's process group (SIGCONT too: a stopped process acts on it only once continued),
+        SIGKILL after `grace` seconds."""
+        if self.alive():
+            for sig in (signal.SIGTERM, signal.SIGCONT):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
 
@@ -163,7 +189,7 @@ class SGLangEngine:
     """Generation over one or more SGLang servers: local SGLangServer objects (restartable) and/or URLs."""
 
     def __init__(self, tokenizer, *, servers: list[SGLangServer] = (), urls: list[str] = (),
-                 concurrency: int = 16, retries: int = 3, request_timeout: float = 600.0,
+                 concurrency: int = 16, retries: int = 3, request_timeout: float = 600.0, hang_timeout: float = 60.0,
                  route_shape: tuple[int, int] | None = None):
         if not servers and not urls:
             raise ValueError("SGLangEngine needs at least one server or URL")
@@ -172,6 +198,7 @@ class SGLangEngine:
         self.servers = list(servers)
         self.urls = [s.url for s in self.servers] + [u.rstrip("/") for u in urls]
         self.concurrency, self.retries, self.request_timeout = concurrency, retries, request_timeout
+        self.hang_timeout = hang_timeout
         self._next = 0
         self._lock = threading.Lock()
         self._restart_locks = [threading.Lock() for _ in self.servers]
@@ -193,32 +220,40 @@ class SGLangEngine:
             self._next += 1
         return index
 
-    def _revive(self, index: int) -> None:
-        """After a failed request to a local server: restart it if its process died, else wait until it answers
-        /health (it may be restarting for another request). URL-only servers are left to their owner."""
+    def _revive(self, index: int, weights: tuple[str, str] | None = None) -> bool:
+        """After a failed request to a local server: restart it if its process died or it does not answer /health
+        within hang_timeout (hung, or stopped), serving `weights` (folder, version; default: the last update's).
+        Returns whether it restarted the server. URL-only servers are left to their owner."""
         if self._shut_down:
             raise SGLangError("the SGLang engine was shut down")
         if index >= len(self.servers):
             time.sleep(1.0)
-            return
+            return False
         server = self.servers[index]
+        weights = weights or self.weights
         with self._restart_locks[index]:
-            if server.alive():
-                try:
-                    server.wait_ready()
-                    return
-                except SGLangError:  # it died (or hung) while we waited
-                    pass
-            log.warning("SGLang server %s is gone (exit code %s); restarting it from %s (its log: %s)", server.url,
-                        server.process.poll() if server.process else None, server.model_dir, server.log_path)
+            if server.alive() and server.responsive(self.hang_timeout):
+                return False
+            if server.alive():  # (not when it died while we asked)
+                log.warning("SGLang server %s does not answer /health within %.0f s (hung or stopped): killing it",
+                            server.url, self.hang_timeout)
+                server.stop(grace=5.0)
+            else:
+                log.warning("SGLang server %s is gone (exit code %s)", server.url,
+                            server.process.poll() if server.process else None)
+            if weights is not None:  # a restart loads this folder, and its responses must carry its version
+                server.model_dir = weights[0]
+            log.warning("restarting SGLang server %s from %s (its log: %s)", server.url, server.model_dir,
+                        server.log_path)
             server.stop()
-            server.start()  # from the folder of the last disk update (update_weights points model_dir there)
-            if self.weights is not None:  # its responses must carry that update's version again
+            server.start()
+            if weights is not None:
                 _control(server.url, "/update_weights_from_disk",
-                         {"model_path": self.weights[0], "weight_version": self.weights[1]}, self.request_timeout)
+                         {"model_path": weights[0], "weight_version": weights[1]}, self.request_timeout)
             with self._lock:
                 self.stats["restarts"] += 1
             log.warning("SGLang server %s restarted (%d restarts in this run)", server.url, self.stats["restarts"])
+            return True
 
     def _request(self, payload: dict) -> dict:
         last_error = None
@@ -302,13 +337,29 @@ class SGLangEngine:
             if diff:
                 raise ValueError(f"{model_dir} does not fit the served model {server.model_dir}: " +
                                  ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in diff.items()))
-        for url in self.urls:
-            _control(url, "/update_weights_from_disk", {"model_path": str(model_dir), "weight_version": version},
-                     self.request_timeout)
-            _control(url, "/flush_cache", {}, 60)
-        self.weights = (str(model_dir), version)
-        for server in self.servers:  # a restart loads these weights, even once older folders are deleted
-            server.model_dir = str(model_dir)
+        weights = (str(model_dir), version)
+        for index, url in enumerate(self.urls):
+            self._update_one(index, url, weights)
+        self.weights = weights
+
+    def _update_one(self, index: int, url: str, weights: tuple[str, str]) -> None:
+        """Load `weights` on one server. A local server that dies, or does not answer within request_timeout, is
+        restarted from the folder with its version (or, found alive and answering after all, asked again)."""
+        for attempt in range(self.retries + 1):
+            try:
+                _control(url, "/update_weights_from_disk", {"model_path": weights[0], "weight_version": weights[1]},
+                         self.request_timeout)
+                _control(url, "/flush_cache", {}, 60)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+                if index >= len(self.servers) or attempt == self.retries:
+                    raise SGLangError(f"SGLang server {url} failed during the weight update to version "
+                                      f"{weights[1]} ({err})") from err
+                log.warning("weight update of SGLang server %s to version %s failed (%s)", url, weights[1], err)
+                if self._revive(index, weights):
+                    break
+        if index < len(self.servers):  # a restart loads these weights, even once older folders are deleted
+            self.servers[index].model_dir = weights[0]
 
     def shutdown(self) -> None:
         self._shut_down = True

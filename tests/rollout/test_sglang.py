@@ -7,6 +7,7 @@ restarted and the batch completes; the routed experts it returns are transformer
 servers, bad folders and bad tensors are clear errors."""
 
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -222,6 +223,70 @@ def test_killed_server_is_restarted_and_the_batch_completes(served, caplog):
     again = engine.generate(["3142:"] * 4, 1, SamplingParams(max_new_tokens=2, seed=4))
     assert {c.weight_version for g in again for c in g} == {"step-0"}
     assert server.model_dir == str(root / "v0")
+
+
+def test_servers_killed_or_hung_during_a_weight_update_are_restarted_with_the_new_weights(served, caplog):
+    """One update, two faults, real signals: server 0 is stopped (SIGSTOP) as the update begins and SIGKILLed while
+    the update request waits on it (killed mid-update); server 1 is stopped and stays stopped (hung). The engine's
+    update returns with both servers restarted from the new folder, tagged with the new version, serving its
+    weights; the hang is detected by the timeouts (request, then /health), not by the process dying."""
+    root, engine = served
+    engine.update_weights(root / "v0", "step-0")
+    first, second = engine.servers
+    restarts = engine.stats["restarts"]
+    saved = engine.request_timeout, engine.hang_timeout
+    engine.request_timeout, engine.hang_timeout = 8.0, 4.0
+    for server in (first, second):
+        os.killpg(server.process.pid, signal.SIGSTOP)
+
+    def kill_first():
+        time.sleep(2.0)  # the update request to server 0 is in flight, unanswered
+        os.killpg(first.process.pid, signal.SIGKILL)
+    killer = threading.Thread(target=kill_first)
+    began = time.monotonic()
+    try:
+        killer.start()
+        engine.update_weights(root / "v1", "step-1")
+    finally:
+        killer.join()
+        engine.request_timeout, engine.hang_timeout = saved
+    took = time.monotonic() - began
+    assert engine.stats["restarts"] == restarts + 2 and first.alive() and second.alive()
+    said = [r.getMessage() for r in caplog.records if r.name == "megatron_sapo.rollout.sglang"]
+    assert any(f"SGLang server {first.url} is gone" in m for m in said), said
+    assert any(f"SGLang server {second.url} does not answer /health within 4 s" in m for m in said), said
+    assert first.model_dir == second.model_dir == str(root / "v1")
+    _assert_served_by(root / "v1", _generate_on_both(engine, ["3142:"], 2, SamplingParams(max_new_tokens=8, seed=5)),
+                      "step-1")
+    print(f"update with one server killed and one hung: {took:.1f} s")
+
+
+def test_a_server_hung_during_generation_is_restarted_and_the_batch_completes(served, caplog):
+    """SIGSTOP of a server while a batch is generated: its requests time out, the server does not answer /health,
+    it is killed and restarted with the last update's weights and version, and the batch completes."""
+    root, engine = served
+    engine.update_weights(root / "v0", "step-0")
+    server = engine.servers[1]
+    restarts = engine.stats["restarts"]
+    saved = engine.request_timeout, engine.hang_timeout
+    engine.request_timeout, engine.hang_timeout = 8.0, 4.0
+
+    def stop_soon():
+        time.sleep(0.5)
+        os.killpg(server.process.pid, signal.SIGSTOP)
+    stopper = threading.Thread(target=stop_soon)
+    try:
+        stopper.start()
+        out = engine.generate(["3142:"] * 8, 4, SamplingParams(max_new_tokens=64, seed=3))
+    finally:
+        stopper.join()
+        engine.request_timeout, engine.hang_timeout = saved
+    assert sum(len(g) for g in out) == 32 and engine.stats["restarts"] == restarts + 1 and server.alive()
+    assert {c.weight_version for g in out for c in g} == {"step-0"}
+    said = [r.getMessage() for r in caplog.records if r.name == "megatron_sapo.rollout.sglang"]
+    assert any(f"SGLang server {server.url} does not answer /health" in m for m in said), said
+    _assert_served_by(root / "v0", _generate_on_both(engine, ["3142:"], 2, SamplingParams(max_new_tokens=8, seed=6)),
+                      "step-0")
 
 
 def test_unreachable_server_and_bad_startup_are_named(served, tmp_path):
