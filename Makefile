@@ -28,7 +28,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 GPU_WHEELS ?= outputs/gpu_wheels
 GPU_CHECK_ARGS ?=
 
-.PHONY: help install sglang-env mlflow-server-env slurm-env test test-slurm test-kernels-native kernels bench demo \
+.PHONY: help install sglang-env mlflow-server-env slurm-env test test-faults test-slurm test-kernels-native kernels bench demo \
 	gpu-wheels gpu-check clean
 
 help:
@@ -37,6 +37,7 @@ help:
 	@echo "make test     install, build the host kernels, then run the test suite"
 	@echo "make sglang-env  the SGLang server's own environment ($(SGLANG_VENV)), used by the rollout tests"
 	@echo "make slurm-env   Slurm, munge and shellcheck from Debian (apt-get), used by the Slurm tests"
+	@echo "make test-faults the fault-injection tests alone (also part of make test); the output ends with the fault table"
 	@echo "make test-slurm  the sbatch recipes on a local one-node Slurm cluster (tests/test_slurm.py)"
 	@echo "make kernels  build kernels/build/libsapo_kernels_{host,cuda}.so (the CUDA one needs nvcc)"
 	@echo "make test-kernels-native  the kernels' C++ checks: host run, ThreadSanitizer, nvcc build"
@@ -83,6 +84,9 @@ kernels: kernels-build
 test: $(STAMP) $(BENCH_STAMP) $(KERNEL_HOST_LIB) $(SGLANG_STAMP) $(MLFLOW_STAMP) slurm-env
 	SAPO_REQUIRE_KERNELS=1 SAPO_REQUIRE_SLURM=1 SAPO_SGLANG_PYTHON=$(SGLANG_VENV)/bin/python \
 		SAPO_MLFLOW_PYTHON=$(MLFLOW_VENV)/bin/python $(PY) -m pytest tests
+
+test-faults: $(STAMP) $(SGLANG_STAMP) $(MLFLOW_STAMP)
+	SAPO_SGLANG_PYTHON=$(SGLANG_VENV)/bin/python $(PY) -m pytest -m fault tests
 
 test-slurm: $(STAMP) slurm-env
 	SAPO_REQUIRE_SLURM=1 $(PY) -m pytest tests/test_slurm.py

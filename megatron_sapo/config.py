@@ -51,6 +51,9 @@ class TrainerConfig:
     # (each batch sampled by the weights of the step before); K > 0: batches are generated beside training, the
     # batch of step n by the weights after step n - 1 - K (1: one step off; the old log-probs are recomputed)
     max_staleness: int = 0
+    # with several processes: a rank not heard from for this many seconds (killed, stopped, node lost) makes the
+    # others exit with watchdog.EXIT_CODE instead of waiting in a collective for it (megatron_sapo/watchdog.py); 0: off
+    rank_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         check_choice("trainer.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
@@ -63,6 +66,9 @@ class TrainerConfig:
         if self.eval_temperature is not None and not (math.isfinite(self.eval_temperature)
                                                       and self.eval_temperature > 0):
             raise ValueError(f"trainer.eval_temperature must be > 0 or null, got {self.eval_temperature!r}")
+        if not (math.isfinite(self.rank_timeout_s) and self.rank_timeout_s >= 0):
+            raise ValueError(f"trainer.rank_timeout_s must be >= 0 seconds (0: no rank watchdog), got "
+                             f"{self.rank_timeout_s!r}")
 
 
 @dataclass(frozen=True)

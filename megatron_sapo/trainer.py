@@ -37,6 +37,7 @@ from .loop.rollouts import NoRollouts, Rollouts, broadcast_rollout
 from .policy import parallel
 from .policy.policy import Policy
 from .progress import Progress
+from .watchdog import RankWatchdog
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 DEMO_HINT = ("the demo recipe's inputs are made by `make demo` (which then trains) or `python tools/prepare_demo.py "
@@ -71,6 +72,8 @@ class Trainer:
         self.cfg = cfg
         out = Path(cfg.output_dir)
         parallel.init_distributed()
+        # first thing after the process group: a rank lost from here on ends the job instead of hanging it
+        self.watchdog = RankWatchdog(cfg.trainer.rank_timeout_s)
         main = dist.get_rank() == 0
         self.progress = Progress(cfg.trainer.steps, enabled=main)
         self.say = self.progress.message  # the one voice of the run: rank 0's, between progress lines
@@ -186,7 +189,8 @@ class Trainer:
     def close(self, status: str = "FINISHED") -> None:
         """Stop every component, each even when another fails to. After a failure, a component that fails to close
         too (a full disk fails the tracker's last write as well) is reported, not raised: the error that stopped
-        the run is the one to see."""
+        the run is the one to see. The rank watchdog stops last, before this rank can leave: after a normal end it
+        tells the others not to wait for this rank; after a failure it goes silent, so they end too."""
         closing = [("the progress line", self.progress.close), ("the weight publisher", self.publisher.close)]
         if self.rollouts is not None:
             closing.append(("the rollout side", self.rollouts.close))
@@ -204,5 +208,6 @@ class Trainer:
                              f"{err}")
                 elif first is None:
                     first = err
+        self.watchdog.stop(done=status != "FAILED")
         if first is not None:
             raise first

@@ -24,6 +24,8 @@
 #   SIGINT, SIGHUP and SIGQUIT only), which fails the step, and on SIGTERM it kills its workers 30 s later and exits
 #   1. The recipes start one trainer process per task with srun instead (rank, world size and local rank from
 #   SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID).
+# - A rank killed, stopped or lost with its node: the others exit 75 after trainer.rank_timeout_s (default 120 s), so
+#   --kill-on-bad-exit=1 ends the step and the job fails; a resubmitted job resumes from the last checkpoint.
 
 sapo_die() {
     echo "${SLURM_JOB_NAME:-sbatch recipe}: $*" >&2

@@ -1,5 +1,6 @@
-"""Test-wide settings: one intra-op thread (gloo and the 2-core CI machines are far faster that way) and GPU
-tests skipped where no GPU exists."""
+"""Test-wide settings: one intra-op thread (gloo and the 2-core CI machines are far faster that way), GPU tests
+skipped where no GPU exists, and the fault table: each fault-injection test (marked `fault`; `make test-faults` runs
+them alone) adds its row through the `fault_report` fixture, and the run's output ends with the table."""
 
 import importlib.util
 import os
@@ -36,3 +37,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+FAULT_ROWS: list[tuple[str, int, int, str, str]] = []
+
+
+@pytest.fixture
+def fault_report():
+    """fault_report(fault, injected, survived, steps_lost, recover): one row of the table printed at the end of the
+    run. steps_lost and recover are shown as given (a number, a list, or text such as "-" or "named error")."""
+    def add(fault: str, injected: int, survived: int, steps_lost, recover) -> None:
+        FAULT_ROWS.append((fault, injected, survived, str(steps_lost), str(recover)))
+    return add
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FAULT_ROWS:
+        return
+    header = ("fault", "times injected", "survived", "steps lost", "time to recover")
+    widths = [max(len(str(row[i])) for row in [header, *FAULT_ROWS]) for i in range(len(header))]
+    terminalreporter.section("fault injection")
+    for row in [header, tuple("-" * w for w in widths), *FAULT_ROWS]:
+        terminalreporter.write_line(" | ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -60,6 +60,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["rewards.function=nope"], "rewards.function"),
     (["trainer.advantage_estimator=ppo"], "unknown trainer.advantage_estimator 'ppo'"),
     (["tracking.retry_interval_s=0"], "tracking.retry_interval_s"),
+    (["trainer.rank_timeout_s=-1"], "trainer.rank_timeout_s must be >= 0 seconds (0: no rank watchdog), got -1.0"),
+    (["trainer.rank_timeout_s=.inf"], "trainer.rank_timeout_s must be >= 0 seconds"),
     (["trainer.steps"], "not of the form dotted.key=value"),
     (["trainer..steps=1"], "not of the form dotted.key=value"),
     (["output_dir=/a", "output_dir.x=1"], "output_dir is not a section"),

@@ -317,7 +317,8 @@ def test_r3_run_replays_the_engines_routes_on_every_rank(demo, tmp_path, layout)
         assert [s for s, _ in values] == [1, 2] and all(0 < v <= 1 for _, v in values), (key, values)
 
 
-def test_a_full_disk_stops_the_run_with_the_checkpoint_named_and_the_last_one_resumable(demo, tmp_path):
+@pytest.mark.fault
+def test_a_full_disk_stops_the_run_with_the_checkpoint_named_and_the_last_one_resumable(demo, tmp_path, fault_report):
     """A real full disk: output_dir on a 4 MB tmpfs, a checkpoint every step. The first checkpoint fits, the second
     does not: the run fails with a CheckpointError naming the checkpoint, the free space and the newest complete
     checkpoint (the tracker's own failing writes on the way out do not hide it), no partial checkpoint is left, and
@@ -343,3 +344,5 @@ def test_a_full_disk_stops_the_run_with_the_checkpoint_named_and_the_last_one_re
         subprocess.run(["umount", str(disk)], check=False)
     log = train(demo, tmp_path / "run", "trainer.steps=4", "trainer.checkpoint_every=1", "trainer.eval_every=0")
     assert "resuming from" in log and "step_00000001" in log and "step 4/4" in log
+    fault_report("disk full while writing a checkpoint (4 MB tmpfs)", 1, 1, "1 (the step whose checkpoint failed)",
+                 "named error; resumes from the previous checkpoint")

@@ -11,7 +11,9 @@ After each RL step the policy's weights reach the engine under the version str(s
   stages send side by side, and rank 0's last bucket, sent after every stage has finished, sets the new version and
   flushes the servers' cache: a generation never sees a mix of versions under the new tag. When any sender fails,
   every rank agrees on it, the groups are closed, this step syncs through a folder, and the groups are formed anew at
-  the next publish.
+  the next publish; so are they after the engine restarted a server (which loses its membership), rank 0 telling
+  every rank at each publish (one small broadcast). A server restarted between publishes comes back with the newest
+  folder's weights, not the broadcast ones, until the next publish (the engine warns; rollout/stale_frac counts it).
 The engine is updated through the rollout side, which decides when it may change weights (with asynchronous
 rollouts it waits until the batches the old weights are due to generate are done); every rank takes part then
 (rank 0 with the engine, the others without).
@@ -44,6 +46,7 @@ class WeightPublisher:
         self.folder: Path | None = None  # the newest exported folder (rank 0's engine loads from here)
         self.group = None  # this rank's weight-update group with the servers (senders only), formed at first use
         self.formed = False  # every sender has its group
+        self.restarts_seen = 0  # the engine's server restarts at the last publish (distributed sync)
         sc = cfg.rollout.sglang
         self.distributed = cfg.rollout.engine == "sglang" and sc.weight_sync == "distributed"
 
@@ -74,6 +77,12 @@ class WeightPublisher:
     def _stream(self, engine, step: int) -> None:
         from ..rollout.sglang import SGLangError
 
+        # a server restarted since the last publish (a crash or a hang) has lost its group membership: form anew
+        restarts = [engine.stats["restarts"] if engine is not None else None]
+        dist.broadcast_object_list(restarts, src=0, group=cpu_world_group())
+        if restarts[0] != self.restarts_seen:
+            self.restarts_seen = restarts[0]
+            self.close()
         try:
             self._form_groups(engine)
             if dist.get_rank() == 0:
@@ -88,6 +97,8 @@ class WeightPublisher:
             self.say(f"distributed weight sync failed ({failed}); syncing through a folder this step")
             self.close()
             self._load_folder(engine, self.export(step), step)
+        elif engine is not None:
+            engine.note_version(str(step))
 
     def _send_stages(self, step: int) -> str | None:
         """Every sender streams its stage; rank 0 keeps its last bucket back and sends it, with the version, once

@@ -20,6 +20,7 @@ import math
 import time
 from pathlib import Path
 
+from ..atomic import describe_os_error
 from ..config import dump_yaml, flatten, save_config, to_dict
 from ..tracking import Tracker, find_run_id
 
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 NOT_METRICS = ("step", "wall_time")
+
+
+class MetricsWriteError(RuntimeError):
+    pass
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -112,9 +117,20 @@ class RunRecorder:
                                      timestamp=row.get("wall_time"), mark=number)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Append the step's row to metrics.jsonl, then send it to MLflow. A row that cannot be written (a full
+        disk) is a MetricsWriteError naming the file, the OS error and the space left: metrics.jsonl is the run's
+        record, so the run stops rather than go on unrecorded (a cut line is dropped at the next start)."""
         row = {"step": step, "wall_time": time.time(), **metrics}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as err:
+            import shutil
+
+            free = shutil.disk_usage(self.path.parent).free
+            raise MetricsWriteError(f"cannot write step {step}'s metrics: {describe_os_error(err, self.path)} "
+                                    f"({free} bytes free there); free space and run the same command again: it "
+                                    "resumes from the newest checkpoint") from err
         self._lines += 1
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step, timestamp=row["wall_time"], mark=self._lines)

@@ -202,9 +202,11 @@ class SGLangEngine:
         self._next = 0
         self._lock = threading.Lock()
         self._restart_locks = [threading.Lock() for _ in self.servers]
+        self._starts = [0 for _ in self.servers]  # restarts of each server, so that one failure restarts it once
         self.stats = {"retries": 0, "restarts": 0}
         self._shut_down = False  # after shutdown() a failed request is not retried (its server was stopped on purpose)
         self.weights: tuple[str, str] | None = None  # (folder, version) of the last disk update
+        self.version: str | None = None  # of the last update by either transport (note_version for the broadcast)
         for url in self.urls:
             self._check_reachable(url)
 
@@ -231,7 +233,10 @@ class SGLangEngine:
             return False
         server = self.servers[index]
         weights = weights or self.weights
+        starts = self._starts[index]
         with self._restart_locks[index]:
+            if self._starts[index] != starts:  # another request's failure restarted it while we waited
+                return False
             if server.alive() and server.responsive(self.hang_timeout):
                 return False
             if server.alive():  # (not when it died while we asked)
@@ -250,9 +255,15 @@ class SGLangEngine:
             if weights is not None:
                 _control(server.url, "/update_weights_from_disk",
                          {"model_path": weights[0], "weight_version": weights[1]}, self.request_timeout)
+            self._starts[index] += 1
             with self._lock:
                 self.stats["restarts"] += 1
             log.warning("SGLang server %s restarted (%d restarts in this run)", server.url, self.stats["restarts"])
+            if weights is not None and self.version not in (None, weights[1]):
+                log.warning("SGLang server %s serves version %s, the newest folder: version %s came by the "
+                            "distributed sync, which leaves no folder, and reaches it at the next weight sync; its "
+                            "samples until then are off-policy (rollout/stale_frac)", server.url, weights[1],
+                            self.version)
             return True
 
     def _request(self, payload: dict) -> dict:
@@ -341,6 +352,11 @@ class SGLangEngine:
         for index, url in enumerate(self.urls):
             self._update_one(index, url, weights)
         self.weights = weights
+        self.version = version
+
+    def note_version(self, version: str) -> None:
+        """Record an update made by the distributed sync (weight_sync.py), which the engine does not see."""
+        self.version = version
 
     def _update_one(self, index: int, url: str, weights: tuple[str, str]) -> None:
         """Load `weights` on one server. A local server that dies, or does not answer within request_timeout, is

@@ -189,8 +189,12 @@ class WeightUpdateGroup:
                    for url in self.urls}
         if best_effort:  # after a failed transfer, a server still waiting for its bytes cannot answer
             wait(answers, timeout=15.0)
-        else:
+            return
+        try:
             self._await(answers, doing)
+        except SGLangError as err:  # a server that failed a control call (died, hung) leaves the group unusable
+            self.broken = self.broken or str(err)
+            raise
 
     def open_session(self) -> None:
         """Open an update session on every server (SGLang takes weights only between its begin and end calls); one

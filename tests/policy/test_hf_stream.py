@@ -158,7 +158,8 @@ def _fill_disk(rank, root, disk):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_a_full_disk_fails_the_export_on_every_rank_and_keeps_the_previous_folder(tmp_path):
+@pytest.mark.fault
+def test_a_full_disk_fails_the_export_on_every_rank_and_keeps_the_previous_folder(tmp_path, fault_report):
     """A real full disk (a tmpfs sized for one export and a half) under a 2-process PP=2 export: the second export
     runs out of space on one stage's sender or both; every rank raises ExportError naming the file and "No space
     left on device" (none waits in a collective), the staging folder is gone and the first export is intact."""
@@ -187,6 +188,8 @@ def test_a_full_disk_fails_the_export_on_every_rank_and_keeps_the_previous_folde
     for rank in (0, 1):
         raised = json.loads((tmp_path / f"disk-{rank}.json").read_text())["raised"]
         assert raised and "No space left on device" in raised and ".safetensors" in raised, raised
+    fault_report("disk full while exporting weights (2 ranks, PP=2)", 1, 1, 0,
+                 "named error on every rank; previous folder intact")
 
 
 def _bf16_stream(rank, root):

@@ -86,7 +86,8 @@ def test_pool_keeps_working_when_every_worker_hangs_or_dies(pool):
     assert rewards == [float(v) for v in range(10)] and stats.ok == 10
 
 
-def test_a_worker_killed_while_idle_is_replaced_before_the_next_batch(pool):
+@pytest.mark.fault
+def test_a_worker_killed_while_idle_is_replaced_before_the_next_batch(pool, fault_report):
     """A real fault: SIGKILL to an idle worker (as the OOM killer would send) between two batches; the next batch
     completes with every sample scored and none counted as failed."""
     pool.score(echo(range(4)))
@@ -97,6 +98,7 @@ def test_a_worker_killed_while_idle_is_replaced_before_the_next_batch(pool):
     rewards, stats = pool.score(echo(range(20)))
     assert rewards == [float(v) for v in range(20)] and (stats.ok, stats.failed) == (20, 0)
     assert pool._workers[0].process is not victim
+    fault_report("a reward worker SIGKILLed while idle", 1, 1, 0, "replaced before the next batch")
 
 
 def test_one_worker_takes_samples_ahead_and_times_each_on_its_own():

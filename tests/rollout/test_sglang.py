@@ -202,7 +202,8 @@ def test_weights_broadcast_over_a_process_group_reach_both_servers(served):
     _assert_served_by(root / "v0", _generate_on_both(engine, ["3142:"], 2, params), "step-0")
 
 
-def test_killed_server_is_restarted_and_the_batch_completes(served, caplog):
+@pytest.mark.fault
+def test_killed_server_is_restarted_and_the_batch_completes(served, caplog, fault_report):
     root, engine = served
     engine.update_weights(root / "v0", "step-0")
     server = engine.servers[0]
@@ -223,9 +224,12 @@ def test_killed_server_is_restarted_and_the_batch_completes(served, caplog):
     again = engine.generate(["3142:"] * 4, 1, SamplingParams(max_new_tokens=2, seed=4))
     assert {c.weight_version for g in again for c in g} == {"step-0"}
     assert server.model_dir == str(root / "v0")
+    fault_report("an SGLang server SIGKILLed mid-batch", 1, 1, 0, "restarted; the batch completes")
 
 
-def test_servers_killed_or_hung_during_a_weight_update_are_restarted_with_the_new_weights(served, caplog):
+@pytest.mark.fault
+def test_servers_killed_or_hung_during_a_weight_update_are_restarted_with_the_new_weights(served, caplog,
+                                                                                             fault_report):
     """One update, two faults, real signals: server 0 is stopped (SIGSTOP) as the update begins and SIGKILLed while
     the update request waits on it (killed mid-update); server 1 is stopped and stays stopped (hung). The engine's
     update returns with both servers restarted from the new folder, tagged with the new version, serving its
@@ -258,10 +262,12 @@ def test_servers_killed_or_hung_during_a_weight_update_are_restarted_with_the_ne
     assert first.model_dir == second.model_dir == str(root / "v1")
     _assert_served_by(root / "v1", _generate_on_both(engine, ["3142:"], 2, SamplingParams(max_new_tokens=8, seed=5)),
                       "step-1")
-    print(f"update with one server killed and one hung: {took:.1f} s")
+    fault_report("SGLang servers SIGKILLed / hung (SIGSTOP) during a disk weight update", 2, 2, 0,
+                 f"{took:.0f} s for the update with both restarted")
 
 
-def test_a_server_hung_during_generation_is_restarted_and_the_batch_completes(served, caplog):
+@pytest.mark.fault
+def test_a_server_hung_during_generation_is_restarted_and_the_batch_completes(served, caplog, fault_report):
     """SIGSTOP of a server while a batch is generated: its requests time out, the server does not answer /health,
     it is killed and restarted with the last update's weights and version, and the batch completes."""
     root, engine = served
@@ -275,9 +281,11 @@ def test_a_server_hung_during_generation_is_restarted_and_the_batch_completes(se
         time.sleep(0.5)
         os.killpg(server.process.pid, signal.SIGSTOP)
     stopper = threading.Thread(target=stop_soon)
+    began = time.monotonic()
     try:
         stopper.start()
         out = engine.generate(["3142:"] * 8, 4, SamplingParams(max_new_tokens=64, seed=3))
+        took = time.monotonic() - began
     finally:
         stopper.join()
         engine.request_timeout, engine.hang_timeout = saved
@@ -287,6 +295,7 @@ def test_a_server_hung_during_generation_is_restarted_and_the_batch_completes(se
     assert any(f"SGLang server {server.url} does not answer /health" in m for m in said), said
     _assert_served_by(root / "v0", _generate_on_both(engine, ["3142:"], 2, SamplingParams(max_new_tokens=8, seed=6)),
                       "step-0")
+    fault_report("an SGLang server hung (SIGSTOP) during generation", 1, 1, 0, f"{took:.0f} s for the batch")
 
 
 def test_unreachable_server_and_bad_startup_are_named(served, tmp_path):
