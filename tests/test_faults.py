@@ -178,10 +178,13 @@ def _listen_backlog(port: int) -> int:
 
 
 def _server_pid(port: int) -> int:
-    found = subprocess.run(["pgrep", "-f", f"sglang.launch_server .*--port {port}( |$)"], capture_output=True,
+    found = subprocess.run(["pgrep", "-f", f"sglang_launch_shielded.py .*--port {port}( |$)"], capture_output=True,
                            text=True).stdout.split()
     assert len(found) == 1, found
     return int(found[0])
+
+
+STEPS_SG = 8
 
 
 def _until(condition, timeout: float, what: str, lines: list, job) -> float:
@@ -206,14 +209,16 @@ def test_sglang_killed_and_hung_during_distributed_weight_updates(demo, tmp_path
     out = tmp_path / "run"
     per_step = 8 * 8  # prompts x samples: /generate requests per step
     command = [c for c in _command(demo, out) if not c.startswith(("trainer.steps", "trainer.checkpoint"))]
-    # micro-batches of one sample: the learner takes seconds, so the server is stopped between its step's
-    # generation and its weight update, not during either
-    command += ["trainer.steps=4", "trainer.checkpoint_every=0", "policy.micro_batch_size=1", "rollout.engine=sglang",
+    # micro-batches of one sample: a longer learner, so that the server is stopped between a step's generation
+    # and its weight update (when the stop comes too late, the server goes on and the next step is tried)
+    command += [f"trainer.steps={STEPS_SG}", "trainer.checkpoint_every=0", "policy.micro_batch_size=1",
+                "rollout.engine=sglang",
                 f"rollout.sglang.python={SGLANG_PYTHON}", "rollout.sglang.weight_sync=distributed",
                 "rollout.sglang.request_timeout_s=20", "rollout.sglang.hang_timeout_s=5",
                 "rollout.sglang.update_timeout_s=10"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(OMP_NUM_THREADS="1")
+    # unbuffered: the server's access log (its stdout) shows each answered request at once, the injections' clock
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
     lines: list[str] = []
@@ -231,40 +236,52 @@ def test_sglang_killed_and_hung_during_distributed_weight_updates(demo, tmp_path
         text = log.read_text(errors="replace") if log.is_file() else ""
         return text.count('"POST /generate HTTP/1.1" 200') - text.count("Uvicorn running on")
 
-    def step_line_after(t: float, step: int) -> float:
-        return _until(lambda: any(s > t and line.startswith(f"step {step}/4") for s, line in list(stamps)), 300,
-                      f"step {step}", lines, job)
+    def stepped(step: int) -> bool:
+        return any(line.startswith(f"step {step}/{STEPS_SG}") for line in list(lines))
+
     try:
         _until(lambda: any("starting SGLang server 0 on port" in line for line in lines), 300, "server start", lines, job)
         port = int(next(line for line in lines if "starting SGLang server 0 on port" in line).split("port ")[1]
                    .split()[0])
-        recover = []
-        for step, kill in ((2, True), (3, False)):
+        recover, faults, step, hit = [], ["killed", "hung"], 2, {}
+        while faults:
+            assert step < STEPS_SG, f"no injection landed in a weight update (missed up to step {step})"
             _until(lambda: generated() >= step * per_step, 300, f"step {step}'s generation", lines, job)
             pid = _server_pid(port)
             os.killpg(pid, signal.SIGSTOP)
-            injected = _until(lambda: _listen_backlog(port) > 0, 120, f"step {step}'s weight update", lines, job)
-            if kill:
+            _until(lambda: _listen_backlog(port) > 0 or stepped(step), 120, f"step {step}'s weight update", lines,
+                   job)
+            time.sleep(0.5)  # the step's line, printed before the next generation, is read by now if it came
+            if stepped(step):  # the update was through before the stop: continue it, try at the next step
+                os.killpg(pid, signal.SIGCONT)
+                step += 1
+                continue
+            injected = time.monotonic()  # the step's weight update waits on the stopped server
+            fault = faults.pop(0)
+            if fault == "killed":
                 time.sleep(1.0)
                 os.killpg(pid, signal.SIGKILL)
-            recover.append(step_line_after(injected, step + 1) - injected)
+            _until(lambda: stepped(step), 300, f"step {step}", lines, job)
+            recover.append(time.monotonic() - injected)
+            hit[fault] = step
             assert _server_pid(port) != pid
+            step += 1
         assert job.wait(timeout=600) == 0, "".join(lines)[-3000:]
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
-        subprocess.run(["pkill", "-9", "-f", f"sglang.launch_server .*{out}"], check=False)
+        subprocess.run(["pkill", "-9", "-f", f"sglang_launch_shielded.py .*{out}"], check=False)
         reader.join(timeout=10)
         (tmp_path / "train.log").write_text("".join(f"{t:.1f} {line}" for t, line in stamps))
     text = "".join(lines)
     assert text.count("distributed weight sync failed") == 2, text[-3000:]
-    assert "step 4/4" in text
+    assert f"step {STEPS_SG}/{STEPS_SG}" in text
     rows = {r["step"]: r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())}
-    assert sorted(rows) == [1, 2, 3, 4]
-    for step in (3, 4):  # generated by the restarted servers: the trainer's own weights after steps 2 and 3
-        assert rows[step]["mismatch/abs_diff_max"] < 2e-5, (step, rows[step]["mismatch/abs_diff_max"])
-    assert sum(r.get("rollout/engine_restarts", 0) for r in rows.values()) == 2, \
-        [r.get("rollout/engine_restarts") for r in rows.values()]
+    assert sorted(rows) == list(range(1, STEPS_SG + 1))
+    for step in hit.values():  # the next batch comes from the restarted server: the trainer's own weights
+        assert rows[step + 1]["mismatch/abs_diff_max"] < 2e-5, (step, rows[step + 1]["mismatch/abs_diff_max"])
+    assert "restarted (2 restarts in this run)" in text and "restarted (3 restarts" not in text, text[-3000:]
+    assert all(rows[step]["rollout/stale_frac"] == 0 for step in rows)  # every sample under the due version
     fault_report("SGLang server SIGKILLed during a distributed weight update", 1, 1, 0, f"{recover[0]:.0f} s")
     fault_report("SGLang server hung (SIGSTOP) during a distributed weight update", 1, 1, 0, f"{recover[1]:.0f} s")
 
@@ -296,7 +313,8 @@ def test_corrupted_inputs_are_named_before_training_starts(demo, tmp_path, fault
     truncated = model_copy("truncated")
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    other = tiny_models().build("qwen3_moe", tmp_path / "other", hidden_size=32, seed=3)
+    other = tmp_path / "other"
+    tiny_models().build("qwen3_moe", other, hidden_size=32, seed=3)
     wrong_config = model_copy("wrong_config")
     shutil.copy(tmp_path / "other" / "config.json", wrong_config / "config.json")
     prompts = tmp_path / "broken.jsonl"

@@ -253,3 +253,44 @@ def test_a_run_survives_a_time_limit_warning_and_a_cancel_in_one_mlflow_run(clus
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     staleness = [row["rollout/staleness"] for row in rows if "reward/mean" in row]
     assert staleness == [0] + [1] * (total - 1)
+
+
+@pytest.mark.fault
+def test_sglang_servers_started_by_the_trainer_outlive_the_stop_signals(cluster, demo, tmp_path, fault_report):
+    """rollout.engine=sglang with the server started by the trainer, inside the training step, where Slurm signals
+    every process. The time-limit warning (SIGUSR1, passed on to the step): the server ignores it
+    (rollout/sglang_launch_shielded.py), the trainer's last step and checkpoint run on it without a restart, and the
+    job requeues itself. After the resumed run's next checkpoint, scancel (SIGTERM to every process): the same, and
+    the job ends CANCELLED at a checkpoint."""
+    sglang_python = os.environ.get("SAPO_SGLANG_PYTHON", str(REPO / ".venv-sglang" / "bin" / "python"))
+    if not Path(sglang_python).exists():
+        pytest.skip("SGLang environment not installed (make sglang-env)")
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job_id = cluster.submit(log, *tiny_args(demo, out, "trainer.steps=200", "trainer.checkpoint_every=2",
+                                            "trainer.eval_every=0", "rollout.engine=sglang",
+                                            f"rollout.sglang.python={sglang_python}"))
+    wait_for_steps(cluster, job_id, out, log, 3, timeout=300)
+    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    signalled = time.monotonic()
+    text = wait_for_text(log, "resuming from", cluster, job_id, timeout=300)
+    warned_after = time.monotonic() - signalled
+    warned = int(re.search(rf"stopped at step (\d+) of 200: requeueing job {job_id}", text).group(1))
+    assert f"checkpoint {out / 'checkpoints' / f'step_{warned:08d}'}" in text
+
+    wait_for_steps(cluster, job_id, out, log, warned + 2, timeout=300)
+    cluster.run("scancel", job_id)
+    signalled = time.monotonic()
+    cluster.wait(job_id, {"CANCELLED"}, log, timeout=150)
+    cancelled_after = time.monotonic() - signalled
+    cluster.show_logs(log)
+    text = log.read_text()
+    assert "received SIGTERM: checkpointing after this step" in text
+    assert latest_checkpoint(out)["extra"]["trainer_step"] > warned
+    # no generation failed for a dead server, and the servers never handled a signal
+    assert "is gone" not in text and "restarted" not in text and "does not answer" not in text, text[-3000:]
+    served = (out / "logs" / "sglang_0.log").read_text(errors="replace")
+    assert "SIGTERM received" not in served and "crashed" not in served, served[-3000:]
+    fault_report("Slurm's time-limit warning (SIGUSR1) to a step with the trainer's SGLang server", 1, 1, 0,
+                 f"checkpoint and requeue, {warned_after:.0f} s to the resumed run")
+    fault_report("scancel (SIGTERM to every process) of a step with the trainer's SGLang server", 1, 1, 0,
+                 f"checkpoint, CANCELLED {cancelled_after:.0f} s later")

@@ -82,7 +82,7 @@ class WeightPublisher:
         dist.broadcast_object_list(restarts, src=0, group=cpu_world_group())
         if restarts[0] != self.restarts_seen:
             self.restarts_seen = restarts[0]
-            self.close()
+            self.close(best_effort=True)
         try:
             self._form_groups(engine)
             if dist.get_rank() == 0:
@@ -174,9 +174,10 @@ class WeightPublisher:
         for old in sorted(self.root.glob("step_*"))[:-KEEP_FOLDERS]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def close(self) -> None:
-        """Close this rank's group, if any (not collective: each sender closes its own)."""
+    def close(self, *, best_effort: bool = False) -> None:
+        """Close this rank's group, if any (not collective: each sender closes its own); best_effort: a server may
+        have lost it (restarted), so its refusal is no error."""
         if self.group is not None:
-            self.group.close()
+            self.group.close(best_effort=best_effort)
             self.group = None
         self.formed = False

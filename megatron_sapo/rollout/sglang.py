@@ -89,19 +89,26 @@ def _get_json(url: str, timeout: float) -> dict:
         raise SGLangError(f"GET {url} failed: {err}") from err
 
 
+SHIELDED_LAUNCHER = Path(__file__).with_name("sglang_launch_shielded.py")
+
+
 class SGLangServer:
-    """One local SGLang server process (CPU or GPU); its log goes to `log_path`."""
+    """One local SGLang server process (CPU or GPU); its log goes to `log_path`. Shielded (the default), it ignores
+    SIGINT, SIGTERM and SIGUSR1, which Slurm sends every process of the trainer's job step (sglang_launch_shielded.py),
+    and stop() ends it with SIGKILL to its process group."""
 
     def __init__(self, model_dir: str | Path, port: int, *, python: str = "python", log_path: str | Path,
-                 extra_args: tuple[str, ...] = (), env: dict | None = None, startup_timeout: float = 300.0):
-        self.model_dir, self.port, self.python = str(model_dir), port, python
+                 extra_args: tuple[str, ...] = (), env: dict | None = None, startup_timeout: float = 300.0,
+                 shielded: bool = True):
+        self.model_dir, self.port, self.python, self.shielded = str(model_dir), port, python, shielded
         self.log_path, self.extra_args, self.env = Path(log_path), tuple(extra_args), dict(env or {})
         self.startup_timeout = startup_timeout
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        cmd = [self.python, "-m", "sglang.launch_server", "--model-path", self.model_dir, "--host", "127.0.0.1",
+        launcher = [str(SHIELDED_LAUNCHER)] if self.shielded else ["-m", "sglang.launch_server"]
+        cmd = [self.python, *launcher, "--model-path", self.model_dir, "--host", "127.0.0.1",
                "--port", str(self.port), *self.extra_args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
@@ -153,9 +160,9 @@ class SGLangServer:
 
     def stop(self, grace: float = 30.0) -> None:
         """SIGTERM to the server's process group (SIGCONT too: a stopped process acts on it only once continued),
-        SIGKILL after `grace` seconds."""
+        SIGKILL after `grace` seconds; a shielded server ignores SIGTERM: SIGKILL at once."""
         if self.alive():
-            for sig in (signal.SIGTERM, signal.SIGCONT):
+            for sig in (signal.SIGTERM, signal.SIGCONT) if not self.shielded else (signal.SIGKILL,):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, sig)
             try:
@@ -232,6 +239,7 @@ class SGLangEngine:
             time.sleep(1.0)
             return False
         server = self.servers[index]
+        updating = weights is not None  # restarted for an update in progress: it loads that update's folder
         weights = weights or self.weights
         starts = self._starts[index]
         with self._restart_locks[index]:
@@ -259,7 +267,7 @@ class SGLangEngine:
             with self._lock:
                 self.stats["restarts"] += 1
             log.warning("SGLang server %s restarted (%d restarts in this run)", server.url, self.stats["restarts"])
-            if weights is not None and self.version not in (None, weights[1]):
+            if not updating and weights is not None and self.version not in (None, weights[1]):
                 log.warning("SGLang server %s serves version %s, the newest folder: version %s came by the "
                             "distributed sync, which leaves no folder, and reaches it at the next weight sync; its "
                             "samples until then are off-policy (rollout/stale_frac)", server.url, weights[1],

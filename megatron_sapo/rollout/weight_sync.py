@@ -92,11 +92,11 @@ class WeightUpdateGroup:
             raise ValueError(f"a process group named {group_name!r} already exists in this process")
         self.urls = [url.rstrip("/") for url in urls]
         self.group_name, self.backend, self.bucket_bytes, self.timeout = group_name, backend, bucket_bytes, timeout
-        self.reference_dir = str(reference_dir or _get_json(self.urls[0] + "/model_info", 30)["model_path"])
+        self.reference_dir = str(reference_dir or _get_json(self.urls[0] + "/model_info", min(30.0, timeout))["model_path"])
         self.shapes = served_shapes(self.reference_dir)
         offsets, rank = [], 1
         for url in self.urls:
-            info = _get_json(url + "/server_info", 30)
+            info = _get_json(url + "/server_info", min(30.0, timeout))
             if info.get("dp_size", 1) != 1 or info.get("pp_size", 1) != 1:
                 raise SGLangError(f"{url} runs dp_size {info.get('dp_size')}, pp_size {info.get('pp_size')}: SGLang "
                                   "joins weight-update groups only with dp_size 1 and pp_size 1")
@@ -284,13 +284,14 @@ class WeightUpdateGroup:
             self.broken += f" (aborting the NCCL communicator failed too: {err})"
         self._aborted = True
 
-    def close(self) -> None:
-        """Destroy the group on the servers (best effort after a failed transfer) and here."""
+    def close(self, *, best_effort: bool = False) -> None:
+        """Destroy the group on the servers (best effort after a failed transfer, or when asked: a restarted server
+        no longer has it) and here."""
         if self._group is None:
             return
         try:
             self._control_all("/destroy_weights_update_group", {"group_name": self.group_name}, "destroying",
-                              best_effort=self.broken is not None)
+                              best_effort=best_effort or self.broken is not None)
         finally:
             if not self._aborted:  # an aborted group is already gone from torch's registry
                 dist.destroy_process_group(self._group)
