@@ -240,7 +240,8 @@ def test_sglang_killed_and_hung_during_distributed_weight_updates(demo, tmp_path
         return any(line.startswith(f"step {step}/{STEPS_SG}") for line in list(lines))
 
     try:
-        _until(lambda: any("starting SGLang server 0 on port" in line for line in lines), 300, "server start", lines, job)
+        _until(lambda: any("starting SGLang server 0 on port" in line for line in lines), 300, "server start", lines,
+               job)
         port = int(next(line for line in lines if "starting SGLang server 0 on port" in line).split("port ")[1]
                    .split()[0])
         recover, faults, step, hit = [], ["killed", "hung"], 2, {}

@@ -92,11 +92,12 @@ class WeightUpdateGroup:
             raise ValueError(f"a process group named {group_name!r} already exists in this process")
         self.urls = [url.rstrip("/") for url in urls]
         self.group_name, self.backend, self.bucket_bytes, self.timeout = group_name, backend, bucket_bytes, timeout
-        self.reference_dir = str(reference_dir or _get_json(self.urls[0] + "/model_info", min(30.0, timeout))["model_path"])
+        asked = min(30.0, timeout)  # a server that does not answer these is hung: the caller falls back to a folder
+        self.reference_dir = str(reference_dir or _get_json(self.urls[0] + "/model_info", asked)["model_path"])
         self.shapes = served_shapes(self.reference_dir)
         offsets, rank = [], 1
         for url in self.urls:
-            info = _get_json(url + "/server_info", min(30.0, timeout))
+            info = _get_json(url + "/server_info", asked)
             if info.get("dp_size", 1) != 1 or info.get("pp_size", 1) != 1:
                 raise SGLangError(f"{url} runs dp_size {info.get('dp_size')}, pp_size {info.get('pp_size')}: SGLang "
                                   "joins weight-update groups only with dp_size 1 and pp_size 1")

@@ -203,7 +203,8 @@ def _bf16_stream(rank, root):
     arch = read_hf_config(cfg.model_path)
     parallel.initialize(arch, cfg)
     model = build_model(arch, cfg, pre_process=True, post_process=True)
-    norms = {n: p.detach().clone() for n, p in model.named_parameters() if "layernorm" in n or n.endswith("norm.weight")}
+    norms = {n: p.detach().clone() for n, p in model.named_parameters()
+             if "layernorm" in n or n.endswith("norm.weight")}
     streamed = dict(item for bucket in hf_buckets(model, arch, 1 * MB) for item in bucket)
     torch.save({"model_dtypes": {str(p.dtype) for n, p in model.named_parameters()},
                 "norm_dtypes": {str(t.dtype) for t in norms.values()},
