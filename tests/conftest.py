@@ -39,6 +39,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(bytes) -> a folder on a tmpfs of that size (a real full disk for the fault tests), unmounted
+    (lazily: a mapped file may still hold it) at the test's end. Skips where mounting needs root."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: int) -> Path:
+        disk = tmp_path / f"disk{len(mounted)}"
+        disk.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(disk)
+        return disk
+    yield mount
+    for disk in mounted:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)
+
+
 FAULT_ROWS: list[tuple[str, int, int, str, str]] = []
 
 

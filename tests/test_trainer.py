@@ -318,30 +318,23 @@ def test_r3_run_replays_the_engines_routes_on_every_rank(demo, tmp_path, layout)
 
 
 @pytest.mark.fault
-def test_a_full_disk_stops_the_run_with_the_checkpoint_named_and_the_last_one_resumable(demo, tmp_path, fault_report):
+def test_a_full_disk_stops_the_run_with_the_checkpoint_named_and_the_last_one_resumable(demo, tmp_path, small_disk,
+                                                                                       fault_report):
     """A real full disk: output_dir on a 4 MB tmpfs, a checkpoint every step. The first checkpoint fits, the second
     does not: the run fails with a CheckpointError naming the checkpoint, the free space and the newest complete
     checkpoint (the tracker's own failing writes on the way out do not hide it), no partial checkpoint is left, and
     the run copied to a roomy disk resumes from step 1 and finishes."""
     import shutil
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
-        code, log = train(demo, disk / "run", "trainer.steps=4", "trainer.checkpoint_every=1", "trainer.eval_every=0",
-                          check=False)
-        assert code != 0
-        last = log.strip().splitlines()[-1]
-        assert "CheckpointError: saving checkpoint step_00000002" in last and "0 bytes free" in last, last
-        assert "the newest complete checkpoint is step_00000001, left as it was" in last, last
-        assert sorted(p.name for p in (disk / "run" / "checkpoints").iterdir()) == ["latest", "step_00000001"]
-        shutil.copytree(disk / "run", tmp_path / "run")
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
+    disk = small_disk(4 << 20)
+    code, log = train(demo, disk / "run", "trainer.steps=4", "trainer.checkpoint_every=1", "trainer.eval_every=0",
+                      check=False)
+    assert code != 0
+    last = log.strip().splitlines()[-1]
+    assert "CheckpointError: saving checkpoint step_00000002" in last and "0 bytes free" in last, last
+    assert "the newest complete checkpoint is step_00000001, left as it was" in last, last
+    assert sorted(p.name for p in (disk / "run" / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+    shutil.copytree(disk / "run", tmp_path / "run")
     log = train(demo, tmp_path / "run", "trainer.steps=4", "trainer.checkpoint_every=1", "trainer.eval_every=0")
     assert "resuming from" in log and "step_00000001" in log and "step 4/4" in log
     fault_report("disk full while writing a checkpoint (4 MB tmpfs)", 1, 1, "1 (the step whose checkpoint failed)",

@@ -58,36 +58,27 @@ def test_a_new_run_in_a_used_output_dir_sends_only_its_own_steps(cfg):
 
 
 @pytest.mark.fault
-def test_a_full_disk_under_metrics_is_a_named_error(tmp_path, monkeypatch, fault_report):
+def test_a_full_disk_under_metrics_is_a_named_error(small_disk, monkeypatch, fault_report):
     """A real full disk (a 256 KB tmpfs as output_dir, filled up after the recorder started): logging a step is a
     MetricsWriteError naming metrics.jsonl, "No space left on device" and the free space, not a bare OSError."""
     import subprocess
 
     from megatron_sapo.loop.recorder import MetricsWriteError
+    from megatron_sapo.tracking import TrackingConfig
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
-        from megatron_sapo.tracking import TrackingConfig
-
-        cfg = TrainConfig(output_dir=str(disk / "run"), tracking=TrackingConfig(enabled=False))
-        recorder = RunRecorder(cfg, disk / "run", Resumed())
-        recorder.log(1, {"loss": 0.5})
-        # the rest of the disk (dd stops at "No space left on device")
-        subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=4k"], capture_output=True)
-        wide = {f"metric_{i:03d}": 0.125 for i in range(200)}  # rows of ~4 KB: the file's last page fills at once
-        with pytest.raises(MetricsWriteError) as raised:
-            for step in range(2, 6):
-                recorder.log(step, wide)
-        message = str(raised.value)
-        assert "metrics.jsonl: No space left on device" in message and "bytes free there" in message, message
-        assert f"cannot write step {step}'s metrics" in message
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=False)
+    disk = small_disk(256 << 10)
+    cfg = TrainConfig(output_dir=str(disk / "run"), tracking=TrackingConfig(enabled=False))
+    recorder = RunRecorder(cfg, disk / "run", Resumed())
+    recorder.log(1, {"loss": 0.5})
+    # the rest of the disk (dd stops at "No space left on device")
+    subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=4k"], capture_output=True)
+    wide = {f"metric_{i:03d}": 0.125 for i in range(200)}  # rows of ~4 KB: the file's last page fills at once
+    with pytest.raises(MetricsWriteError) as raised:
+        for step in range(2, 6):
+            recorder.log(step, wide)
+    message = str(raised.value)
+    assert "metrics.jsonl: No space left on device" in message and "bytes free there" in message, message
+    assert f"cannot write step {step}'s metrics" in message
     fault_report("disk full while writing metrics (256 KB tmpfs)", 1, 1, "the step being logged",
                  "named error; resumes from the newest checkpoint")

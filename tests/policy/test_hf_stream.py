@@ -159,32 +159,21 @@ def _fill_disk(rank, root, disk):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.fault
-def test_a_full_disk_fails_the_export_on_every_rank_and_keeps_the_previous_folder(tmp_path, fault_report):
+def test_a_full_disk_fails_the_export_on_every_rank_and_keeps_the_previous_folder(tmp_path, small_disk,
+                                                                                   fault_report):
     """A real full disk (a tmpfs sized for one export and a half) under a 2-process PP=2 export: the second export
     runs out of space on one stage's sender or both; every rank raises ExportError naming the file and "No space
     left on device" (none waits in a collective), the staging folder is gone and the first export is intact."""
-    import subprocess
-
     from megatron_sapo.policy.hf_weights import read_safetensors
 
     tiny_models().build("qwen3_moe", tmp_path / "src", num_experts=8)
     size = sum(f.stat().st_size for f in (tmp_path / "src").glob("*.safetensors"))
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5) + (64 << 10)}", "tmpfs",
-                              str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
-        spawn_local(_fill_disk, 2, str(tmp_path), str(disk))
-        exported = read_safetensors(disk / "weights")
-        source = read_safetensors(tmp_path / "src")
-        assert set(exported) == set(source) and all(torch.equal(exported[k], source[k]) for k in source)
-        assert sorted(p.name for p in disk.iterdir()) == ["weights"]
-    finally:
-        exported = source = None  # safetensors maps the files: a live tensor keeps the disk busy
-        # lazily, so that a failed assertion's traceback (which holds the tensors) cannot leave the tmpfs mounted
-        subprocess.run(["umount", "--lazy", str(disk)], check=False)
+    disk = small_disk(int(size * 1.5) + (64 << 10))
+    spawn_local(_fill_disk, 2, str(tmp_path), str(disk))
+    exported = read_safetensors(disk / "weights")
+    source = read_safetensors(tmp_path / "src")
+    assert set(exported) == set(source) and all(torch.equal(exported[k], source[k]) for k in source)
+    assert sorted(p.name for p in disk.iterdir()) == ["weights"]
     for rank in (0, 1):
         raised = json.loads((tmp_path / f"disk-{rank}.json").read_text())["raised"]
         assert raised and "No space left on device" in raised and ".safetensors" in raised, raised
