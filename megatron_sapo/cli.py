@@ -175,6 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValueError as err:
         parser.exit(2, f"megatron-sapo {args.command}: error: {err}\n")
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Tear this process's default process group down before the interpreter exits: left to the interpreter's own
+    teardown, gloo's threads can abort the process (SIGABRT, "terminate called without an active exception": seen
+    once at the end of a 2-process `megatron-sapo export` under torchrun). Local: no collective."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ mostly the trainer's start-ups.
 Needs root, Slurm, munge and shellcheck (make slurm-env); without them the tests skip, unless SAPO_REQUIRE_SLURM=1
 (make test sets it) turns that into a failure. What fails prints the job log and the daemons' logs."""
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -294,3 +296,47 @@ def test_sglang_servers_started_by_the_trainer_outlive_the_stop_signals(cluster,
                  f"checkpoint and requeue, {warned_after:.0f} s to the resumed run")
     fault_report("scancel (SIGTERM to every process) of a step with the trainer's SGLang server", 1, 1, 0,
                  f"checkpoint, CANCELLED {cancelled_after:.0f} s later")
+
+
+def _process_of_rank(out: Path, rank: int) -> int | None:
+    """The trainer process of SLURM_PROCID `rank` writing to `out` (its command line and environment, from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if "megatron-sapo train" in cmdline and f"output_dir={out}" in cmdline \
+                and f"SLURM_PROCID={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.fault
+def test_a_stopped_rank_fails_the_job_instead_of_hanging_it(cluster, demo, tmp_path, fault_report):
+    """The 2-task recipe with trainer.rank_timeout_s=10: the rank-1 trainer is stopped (SIGSTOP, as a frozen node
+    would be) after two steps. Rank 0's watchdog names it and exits 75, srun --kill-on-bad-exit=1 ends the step, and
+    the job is FAILED (so that it can be resubmitted or requeued) within a bounded time, not at its time limit."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job_id = cluster.submit(log, *tiny_args(demo, out, "trainer.steps=200", "trainer.checkpoint_every=1",
+                                            "trainer.eval_every=0", "trainer.rank_timeout_s=10"))
+    wait_for_steps(cluster, job_id, out, log, 2)
+    pid = _process_of_rank(out, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        job = cluster.wait(job_id, {"FAILED", "COMPLETED", "CANCELLED"}, log, timeout=150)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    ended = time.monotonic() - stopped
+    cluster.show_logs(log)
+    text = log.read_text()
+    assert job["JobState"] == "FAILED", job
+    assert f"megatron-sapo rank 0: rank 1 (host {os.uname().nodename}, pid {pid}) not heard from" in text, text[-3000:]
+    assert "exiting with status 75" in text
+    fault_report("a trainer rank SIGSTOPped under Slurm (2 tasks, rank_timeout_s=10)", 1, 1,
+                 "since the last checkpoint", f"job FAILED {ended:.0f} s later")

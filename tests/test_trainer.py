@@ -263,7 +263,8 @@ def test_two_process_layouts_give_the_one_process_step(demo, tmp_path, one_proce
     assert manifest(out / "checkpoints" / "step_00000001")["world_size"] == 2
 
 
-def test_tracking_server_down_during_a_run_loses_no_metrics(demo, tmp_path):
+@pytest.mark.fault
+def test_tracking_server_down_during_a_run_loses_no_metrics(demo, tmp_path, fault_report):
     """The tracking server is down for a whole run: training finishes anyway, and the metrics it could not send are
     sent by the resumed run once the server is up, into the same MLflow run."""
     from mlflow.tracking import MlflowClient
@@ -296,6 +297,8 @@ def test_tracking_server_down_during_a_run_loses_no_metrics(demo, tmp_path):
         assert sorted((m.step, m.value) for m in history) == expected  # each step once, the values as trained
     finally:
         server.kill()
+    fault_report("the MLflow tracking server down for a whole run", 1, 1, 0,
+                 "trains on; every step sent by the next start")
 
 
 @pytest.mark.multiprocess
