@@ -172,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        code = args.func(args)
     except ValueError as err:
         parser.exit(2, f"megatron-sapo {args.command}: error: {err}\n")
-    finally:
-        _leave_process_group()
+    _leave_process_group()  # after a normal end only: after an error, a peer may still be inside a collective
+    return code
 
 
 def _leave_process_group() -> None:
