@@ -1,7 +1,8 @@
-"""Fault injection into real runs of `megatron-sapo train` (issue 15): the whole job SIGKILLed at random moments, and
-the run's MLflow store locked by another process. (Other faults are tested beside the code they hit: a reward worker
-killed while idle in tests/rewards, a full disk under a checkpoint in tests/test_trainer.py and under an export in
-tests/policy/test_hf_stream.py, a SGLang server killed mid-batch in tests/rollout/test_sglang.py.)
+"""Fault injection into real runs of `megatron-sapo train` (issue 15): the whole job SIGKILLed at random moments, the
+run's MLflow store locked by another process, the trainer's SGLang server killed and hung during distributed weight
+updates, and corrupted inputs. (Other faults are tested beside the code they hit: tests/rewards, tests/rollout,
+tests/loop, tests/policy, tests/test_trainer.py, tests/test_watchdog.py and tests/test_slurm.py; every fault test is
+marked `fault` and adds its row to the table printed at the end of the run, `make test-faults`.)
 
 The demo run (embedded engine, a checkpoint every step, so the kills land in generation, training, weight exports
 and checkpoint writes alike) is started and SIGKILLed (its whole process group, as a node failure or the OOM killer
@@ -28,6 +29,13 @@ pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 STEPS = 60  # more than the kills can get through: every injection lands before the end
 KILLS = 10
+
+
+def _run_env(**extra: str) -> dict[str, str]:
+    """The runs' environment: the run's own MLflow store (not one the caller's environment points at), one thread."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
 
 
 def _command(demo: Path, out: Path) -> list[str]:
@@ -68,8 +76,7 @@ def _watch(job, stepped: threading.Event) -> None:
 
 def test_the_job_killed_at_random_moments_resumes_from_its_last_checkpoint(demo, tmp_path, fault_report):
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(OMP_NUM_THREADS="1")
+    env = _run_env()
     rng = random.Random(15)
     lost, recover, killed_at = [], [], []
     for injection in range(KILLS):
@@ -132,8 +139,7 @@ def test_a_locked_mlflow_store_holds_up_nothing_and_loses_nothing(demo, tmp_path
     command = _command(demo, out)
     command = [c for c in command if not c.startswith(("tracking.enabled", "trainer.steps", "trainer.checkpoint"))]
     command += [f"trainer.steps={steps}", "trainer.checkpoint_every=0", "tracking.retry_interval_s=1"]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(OMP_NUM_THREADS="1")
+    env = _run_env()
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, stepped = [], threading.Event()
 
@@ -216,9 +222,8 @@ def test_sglang_killed_and_hung_during_distributed_weight_updates(demo, tmp_path
                 f"rollout.sglang.python={SGLANG_PYTHON}", "rollout.sglang.weight_sync=distributed",
                 "rollout.sglang.request_timeout_s=20", "rollout.sglang.hang_timeout_s=5",
                 "rollout.sglang.update_timeout_s=10"]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     # unbuffered: the server's access log (its stdout) shows each answered request at once, the injections' clock
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = _run_env(PYTHONUNBUFFERED="1")
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
     lines: list[str] = []
@@ -324,8 +329,7 @@ def test_corrupted_inputs_are_named_before_training_starts(demo, tmp_path, fault
     foreign = tmp_path / "foreign"
     spawn_local(_other_model_checkpoint, 1, str(other), str(foreign))
 
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(OMP_NUM_THREADS="1")
+    env = _run_env()
     base = [c for c in _command(demo, tmp_path / "run") if not c.startswith(("trainer.steps", "output_dir"))]
     cases = {
         "a truncated model safetensors": ([f"policy.model_path={truncated}"], "model.safetensors is not a readable"),
