@@ -3,6 +3,8 @@
   train  RL training from a YAML config with dotted overrides (one process, or under torchrun / srun)
   plot   PNG training curves of a run, read from its metrics.jsonl
   export a run's checkpoint as a Hugging Face folder (one process, or under torchrun / srun in any layout)
+  sweep  a grid of training runs (cells) from a sweep file, one after another, skipping finished ones
+  compare runs or a sweep side by side: curves over seeds, stability indicators, a table, figures, MLflow
   info   what this installation has: versions, CUDA, the optional accelerators
   gate   SAPO's gate value f(r) and gradient weight w(r) for given ratios and temperatures
 """
@@ -111,6 +113,53 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweeps.runner import SweepRunner, cell_state, prepare_cell, write_manifest
+    from .sweeps.spec import load_sweep
+
+    sweep = load_sweep(args.sweep_file)
+    cells = sweep.select(args.cell)
+    if args.array:
+        print(f"0-{len(sweep.cells) - 1}")
+        return 0
+    if args.list:
+        print(f"sweep {sweep.name}: {len(sweep.cells)} cells in {sweep.output_dir}")
+        for cell in cells:
+            print(f"{cell.index:4d}  {cell_state(cell):8s}  {cell.name}")
+        return 0
+    if args.prepare:
+        if len(cells) != 1:
+            raise ValueError("--prepare takes exactly one --cell")
+        write_manifest(sweep)
+        if cell_state(cells[0]) != "finished":
+            print(prepare_cell(cells[0]))
+        return 0
+    try:
+        failed = SweepRunner(sweep, jobs=args.jobs).run(cells)
+    except KeyboardInterrupt as stop:
+        print(f"megatron-sapo sweep: {stop}", file=sys.stderr)
+        return 130
+    if failed:
+        print(f"megatron-sapo sweep: {len(failed)} cells failed: {', '.join(c.name for c in failed)}; run the same "
+              "command to retry them", file=sys.stderr)
+        return 1
+    if not args.no_compare and all(cell_state(c) == "finished" for c in sweep.cells):
+        from .analysis.compare import compare
+
+        compare([sweep.output_dir])
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .analysis.compare import compare
+    from .analysis.stability import StabilityConfig
+
+    cfg = StabilityConfig(window=args.window, drop=args.drop, spike_factor=args.spike_factor,
+                          ratio_limit=args.ratio_limit, mismatch_limit=args.mismatch_limit)
+    compare(args.dirs, args.out, cfg=cfg, tracking_uri=args.tracking_uri, mlflow=not args.no_mlflow)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-sapo",
@@ -148,6 +197,42 @@ def build_parser() -> argparse.ArgumentParser:
                         help="layout and export options, e.g. policy.tensor_model_parallel_size=2 "
                         "policy.export_shard_mb=2000")
     export.set_defaults(func=cmd_export)
+
+    sweep = sub.add_parser(
+        "sweep", help="run a grid of training runs (a sweep file: base config x grid x seeds), then compare them",
+        description="Run the cells of a sweep file, each a `megatron-sapo train` process in its own output_dir and "
+        "an MLflow run of the sweep's experiment. Finished cells are skipped and unfinished ones resume, so the same "
+        "command continues a stopped sweep. When every cell has finished, the comparison report is written to "
+        "<output_dir>/report. recipes/sweep.sbatch runs the cells as a Slurm job array instead.")
+    sweep.add_argument("sweep_file", help="the sweep YAML, e.g. recipes/sweeps/paper_small.yaml")
+    sweep.add_argument("--cell", type=int, nargs="+", help="only these cells (numbers from --list)")
+    sweep.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    sweep.add_argument("--list", action="store_true", help="list the cells and their state, run nothing")
+    sweep.add_argument("--array", action="store_true", help="print the Slurm array range of the cells (0-N)")
+    sweep.add_argument("--prepare", action="store_true",
+                       help="write the one --cell's config and print its path (nothing when it has finished)")
+    sweep.add_argument("--no-compare", action="store_true", help="do not write the report at the end")
+    sweep.set_defaults(func=cmd_sweep)
+
+    comp = sub.add_parser(
+        "compare", help="compare runs or a sweep: curves over seeds, collapse and other stability indicators",
+        description="Group the runs (a sweep folder's cells, or training output_dirs grouped by config without the "
+        "seed), and write per group the mean and spread over seeds of the reward and eval pass@1 curves, stability "
+        "indicators (collapse, grad-norm spikes, ratio and mismatch blow-ups, entropy), a table and figures; also "
+        "logged to MLflow.")
+    comp.add_argument("dirs", nargs="+", help="a sweep folder, or training runs' output_dirs")
+    comp.add_argument("--out", help="the report folder (default: <sweep folder>/report)")
+    comp.add_argument("--window", type=int, default=10, help="smoothing window in logged steps (default 10)")
+    comp.add_argument("--drop", type=float, default=0.3,
+                      help="collapse: smoothed reward below (1 - DROP) x its running best to the end (default 0.3)")
+    comp.add_argument("--spike-factor", type=float, default=5.0,
+                      help="grad-norm spike: above this factor x the median of the window before (default 5)")
+    comp.add_argument("--ratio-limit", type=float, default=10.0, help="ratio blow-up: ratio/max above this (10)")
+    comp.add_argument("--mismatch-limit", type=float, default=1.0,
+                      help="mismatch blow-up: mismatch/abs_diff_max above this many nats (1)")
+    comp.add_argument("--tracking-uri", help="MLflow store for the comparison run (default: the sweep's)")
+    comp.add_argument("--no-mlflow", action="store_true", help="write the report only")
+    comp.set_defaults(func=cmd_compare)
 
     info = sub.add_parser("info", help="print versions, CUDA availability and the optional accelerators")
     info.set_defaults(func=cmd_info)

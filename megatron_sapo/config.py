@@ -54,6 +54,9 @@ class TrainerConfig:
     # with several processes: a rank not heard from for this many seconds (killed, stopped, node lost) makes the
     # others exit with watchdog.EXIT_CODE instead of waiting in a collective for it (megatron_sapo/watchdog.py); 0: off
     rank_timeout_s: float = 120.0
+    # steps (1-based) at which each update's per-token log-ratios are saved to output_dir/gate_dumps/, for the gate
+    # diagnostics of tools/plot_gate_diagnostics.py (the paper's Figs. 2-3); costs one forward per mini-batch there
+    gate_dump_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_choice("trainer.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
@@ -63,6 +66,8 @@ class TrainerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"trainer.{name} must be an integer >= {low}, got {value!r}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.gate_dump_steps):
+            raise ValueError(f"trainer.gate_dump_steps must be step numbers >= 1, got {list(self.gate_dump_steps)!r}")
         if self.eval_temperature is not None and not (math.isfinite(self.eval_temperature)
                                                       and self.eval_temperature > 0):
             raise ValueError(f"trainer.eval_temperature must be > 0 or null, got {self.eval_temperature!r}")

@@ -29,7 +29,7 @@ PANELS = (
 OVERVIEW = "training_curves.png"
 
 
-def _figure_class():
+def figure_class():
     try:
         from matplotlib.figure import Figure
     except ImportError as error:
@@ -50,7 +50,7 @@ def plot_history(history: History, out_dir: str | Path) -> list[Path]:
 
     ncols = 1 if len(panels) == 1 else 2
     nrows = -(-len(panels) // ncols)
-    figure = _figure_class()(figsize=(6.5 * ncols, 3.4 * nrows), layout="constrained")
+    figure = figure_class()(figsize=(6.5 * ncols, 3.4 * nrows), layout="constrained")
     axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (title, left, right) in zip(axes, panels):
         _draw_panel(ax, title, left, right, present)

@@ -15,7 +15,9 @@ they are not kept twice and a crash loses none of them.
 
 Without a tracking URI (neither `tracking.tracking_uri` nor $MLFLOW_TRACKING_URI) the run lives in an embedded store
 inside the output dir: sqlite:///<output_dir>/mlflow/mlflow.db, artifacts under <output_dir>/mlflow/artifacts, which
-`mlflow ui --backend-store-uri sqlite:///...` opens later. The trainer needs only MLflow's client (mlflow-skinny, plus
+`mlflow ui --backend-store-uri sqlite:///...` opens later. Any sqlite store (a sweep's cells share one) keeps its
+experiments' artifacts in the `artifacts` folder beside the database file, and is created by whichever job comes
+first, under a file lock. The trainer needs only MLflow's client (mlflow-skinny, plus
 sqlalchemy and alembic for the sqlite store); a tracking server is a separate process with the full `mlflow` package.
 """
 
@@ -32,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .atomic import write_atomic
@@ -57,6 +59,7 @@ class TrackingConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI when set, else the embedded sqlite store
     experiment: str = "megatron_sapo"
     run_name: str | None = None  # None: the output dir's folder name
+    tags: dict[str, str] = field(default_factory=dict)  # set on the run when it is created (a sweep tags its cells)
     retry_interval_s: float = 5.0  # how often buffered records are re-sent while the server is unreachable
     request_timeout_s: float = 10.0  # per HTTP request to a tracking server
 
@@ -69,6 +72,8 @@ class TrackingConfig:
                 raise ValueError(f"tracking.{name} must be a positive number of seconds, got {value!r}")
         if not isinstance(self.experiment, str) or not self.experiment.strip():
             raise ValueError(f"tracking.experiment must be a non-empty name, got {self.experiment!r}")
+        if not isinstance(self.tags, dict) or not all(isinstance(k, str) and k for k in self.tags):
+            raise ValueError(f"tracking.tags must be a mapping of names to values, got {self.tags!r}")
         for name in ("tracking_uri", "run_name"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -105,20 +110,33 @@ def find_run_id(output_dir: str | Path) -> str | None:
     return run_id or None
 
 
-def _create_embedded_store(path: Path, artifacts: Path) -> None:
-    """Create the embedded sqlite store in a file of its own, then move it into place. MLflow builds its tables in a
-    series of migrations: one interrupted (a crash, another process holding the file locked past sqlite's busy
-    timeout) would leave a half-migrated store that MLflow can never open again (found by tests/test_faults.py:
-    "duplicate column name" at every later open), and the run's tracking lost with it."""
+def sqlite_store_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// tracking URI; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def create_sqlite_store(path: Path) -> None:
+    """Create a sqlite store (artifacts in the folder beside it) in a file of its own, then move it into place.
+    MLflow builds its tables in a series of migrations: one interrupted (a crash, another process holding the file
+    locked past sqlite's busy timeout) would leave a half-migrated store that MLflow can never open again (found by
+    tests/test_faults.py: "duplicate column name" at every later open), and the run's tracking lost with it. Jobs
+    that start together on one store (a sweep's Slurm array) take a lock file first, so only one creates it."""
     if path.exists():
         return
+    import fcntl
+
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    store = SqlAlchemyStore("sqlite:///" + str(tmp), artifacts.resolve().as_uri())
-    store.engine.dispose()
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        store = SqlAlchemyStore("sqlite:///" + str(tmp), (path.parent / "artifacts").resolve().as_uri())
+        store.engine.dispose()
+        os.replace(tmp, path)
 
 
 def _is_transient(error: Exception) -> bool:
@@ -160,7 +178,7 @@ class Tracker:
         self.output_dir = Path(output_dir)
         self.root = self.output_dir / "mlflow"
         self.tracking_uri = resolve_tracking_uri(cfg, self.output_dir)
-        self._embedded = self.tracking_uri == _embedded_uri(self.output_dir)  # the sqlite store in output_dir
+        self._sqlite = sqlite_store_path(self.tracking_uri)  # the embedded store, or another sqlite file
         self.run_id = run_id
         self._closed = False
         self._renamed: set[str] = set()  # names already warned about
@@ -313,8 +331,8 @@ class Tracker:
         return {"op": "start_run", "run_id": run_id, "continue_previous": continue_previous,
                 "experiment": self.cfg.experiment,
                 "run_name": self.cfg.run_name or self.output_dir.resolve().name,
-                "artifact_location": (self.root / "artifacts").resolve().as_uri() if self._embedded else None,
-                "tags": {"output_dir": str(self.output_dir.resolve())}}
+                "artifact_location": (self._sqlite.parent / "artifacts").resolve().as_uri() if self._sqlite else None,
+                "tags": {"output_dir": str(self.output_dir.resolve()), **self.cfg.tags}}
 
     # -- pending.jsonl: what a closed Tracker could not send ---------------------------------------------------------
 
@@ -394,8 +412,8 @@ class Tracker:
         from mlflow.entities import Metric
 
         if self._client is None:
-            if self._embedded:
-                _create_embedded_store(self.root / "mlflow.db", self.root / "artifacts")
+            if self._sqlite:
+                create_sqlite_store(self._sqlite)
             self._client = self._client_class(self.tracking_uri)
         client, op = self._client, record["op"]
         if op == "start_run":

@@ -15,12 +15,19 @@ routers picked; under r2 its update replays those experts, under r3 both forward
 Data parallelism: every mini-batch is padded with empty rows to a multiple of data-parallel size x micro-batch size,
 and each data-parallel rank trains on every dp-th row. Memory: each rank holds the whole rollout batch (token ids,
 masks, engine log-probs: about 13 bytes per token) plus its shards' old log-probs (4 bytes per token).
+
+Gate diagnostics: at the steps listed in trainer.gate_dump_steps the learner also saves, before each update, the
+per-token log-ratios that update's loss sees (analysis/gate_diagnostics.py): one more forward per mini-batch at those
+steps, and a file of 4 bytes per response token of this rank's rows.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from ..analysis.gate_diagnostics import GateDump
 from ..losses import metric_reduction, reduce_metrics
 from ..policy.policy import PolicyBatch
 from ..rollout.batch import RolloutBatch, mini_batches
@@ -70,10 +77,18 @@ class Learner:
             raise ValueError("policy.routing_replay=r3 needs the engine's routes with the batch; the engine sent none")
         old = [self.policy.old_log_probs(s.input_ids, temperature, replay=e if replay_engine else None)
                for s, e in zip(shards, engine)]
-        results = [self.policy.train_step(
-            PolicyBatch(shard.input_ids, shard.response_mask, shard.advantages, old_log_probs=old_log_probs,
-                        rollout_log_probs=shard.rollout_log_probs, old_routes=old_routes, engine_routes=e),
-            cfg.loss, temperature)
-            for shard, (old_log_probs, old_routes), e in zip(shards, old, engine)]
+        dump = GateDump(step + 1, cfg.loss) if step + 1 in cfg.trainer.gate_dump_steps else None
+        results = []
+        for shard, (old_log_probs, old_routes), e in zip(shards, old, engine):
+            if dump is not None:  # the log-probs this update's loss sees: the same forward, the same replay
+                replay = {"r2": old_routes, "r3": e}.get(cfg.policy.routing_replay)
+                current = self.policy.old_log_probs(shard.input_ids, temperature, replay=replay)[0]
+                dump.add(current - old_log_probs, shard.response_mask, shard.advantages)
+            results.append(self.policy.train_step(
+                PolicyBatch(shard.input_ids, shard.response_mask, shard.advantages, old_log_probs=old_log_probs,
+                            rollout_log_probs=shard.rollout_log_probs, old_routes=old_routes, engine_routes=e),
+                cfg.loss, temperature))
+        if dump is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
+            dump.save(Path(cfg.output_dir), dp_rank)  # one file per data-parallel rank: its rows
         merged = reduce_metrics(results, update_reduction)
         return {UPDATE_NAMES.get(k, k): v for k, v in merged.items()}

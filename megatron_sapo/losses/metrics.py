@@ -41,6 +41,9 @@ METRICS = {
     "ratio/min": Metric("min", "smallest token ratio"),
     "ratio/max": Metric("max", "largest token ratio"),
     "kl/k3": Metric("token_mean", "k3 estimate of KL(old || new): mean over tokens of r - 1 - log r"),
+    "entropy/sampled_nll": Metric("token_mean", "mean over tokens of -old_log_prob: the sampled tokens' negative "
+                                  "log-likelihood under the policy that made them (temperature included), a Monte "
+                                  "Carlo estimate of its per-token entropy; a fall towards 0 is entropy collapse"),
     "seq/log_ratio_var_mean": Metric("seq_mean", "mean over sequences of Var_i, the population variance of log r "
                                      "within sequence i"),
     "seq/gate_gap_mean": Metric("seq_mean", "SAPO losses: mean over sequences of the paper's D_i = |mean_t "
@@ -120,15 +123,20 @@ def _sech2(x: torch.Tensor) -> torch.Tensor:
     return torch.cosh(x).reciprocal().square()
 
 
+def sequence_gate_gap(log_ratio: torch.Tensor, mask: torch.Tensor, seq_tau: torch.Tensor,
+                      seq_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence [B]: D_i = |mean_t sech^2(tau log r_t / 2) - sech^2(tau mean_t log r_t / 2)| (the mean token gate
+    against the gate of the sequence's geometric-mean ratio) and its bound tau^2 Var_i / 4."""
+    token_gate_mean = masked_row_mean(_sech2(seq_tau[:, None] * log_ratio / 2), mask)
+    seq_gate = _sech2(seq_tau * masked_row_mean(log_ratio, mask) / 2)
+    return (token_gate_mean - seq_gate).abs(), seq_tau * seq_tau * seq_var / 4
+
+
 def gate_gap_stats(
     log_ratio: torch.Tensor, mask: torch.Tensor, seq_tau: torch.Tensor, seq_var: torch.Tensor, has_tokens: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """The paper's section-4.1 check that the mean token gate tracks a sequence gate: D_i <= tau^2 Var_i / 4."""
-    tau = seq_tau[:, None]
-    token_gate_mean = masked_row_mean(_sech2(tau * log_ratio / 2), mask)
-    seq_gate = _sech2(seq_tau * masked_row_mean(log_ratio, mask) / 2)
-    gap = (token_gate_mean - seq_gate).abs()
-    bound = seq_tau * seq_tau * seq_var / 4
+    gap, bound = sequence_gate_gap(log_ratio, mask, seq_tau, seq_var)
     num_seqs = has_tokens.sum()
     within = (gap <= bound + 1e-6) & has_tokens
     zero = torch.zeros((), dtype=gap.dtype, device=gap.device)

@@ -105,6 +105,7 @@ def policy_loss(
     if not compute_metrics:
         return loss, {}
     log_ratio = (logp.detach() - old).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    stats["entropy/sampled_nll"] = -old
     return loss, _metrics(cfg, log_ratio, adv, mask, stats)
 
 

@@ -110,6 +110,7 @@ def test_ratio_kl_and_gate_metrics_against_hand_values():
     assert m["gate/weight_min"] == pytest.approx(w.min().item())
     assert m["gate/weight_below_half_frac"] == pytest.approx((w < 0.5).double().mean().item())
     assert 0 < m["gate/weight_below_half_frac"] < 1
+    assert m["entropy/sampled_nll"] == pytest.approx(-old[mask].double().mean().item())
 
 
 def test_paper_gate_gap_example():
