@@ -343,3 +343,56 @@ def test_a_stopped_rank_fails_the_job_instead_of_hanging_it(cluster, demo, tmp_p
     assert "exiting with status 75" in text
     fault_report("a trainer rank SIGSTOPped under Slurm (2 tasks, rank_timeout_s=10)", 1, 1,
                  "since the last checkpoint", f"job FAILED {ended:.0f} s later")
+
+
+def test_a_sweep_runs_as_a_job_array_resumes_a_warned_cell_and_skips_finished_ones(cluster, demo, tmp_path):
+    """recipes/sweep.sbatch: two cells as a job array, each in its own folder and MLflow run of the sweep's
+    experiment. The time-limit warning to one array task stops its cell with a checkpoint; the task requeues itself
+    and its cell resumes in the same MLflow run. A resubmitted array finds both cells finished and does nothing; a
+    submission without --array fails before anything starts."""
+    out = tmp_path / "sweep"
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(json.dumps({
+        "name": "slurm_sweep", "config": str(REPO / "recipes" / "tiny_cpu.yaml"), "output_dir": str(out),
+        "overrides": {"policy.model_path": str(demo / "model"), "data.train_files": [str(demo / "train.jsonl")],
+                      "data.eval_files": [str(demo / "eval.jsonl")], "data.prompts_per_step": 8,
+                      "trainer.eval_prompts": 16, "trainer.steps": 8, "trainer.eval_every": 4,
+                      "trainer.checkpoint_every": 2},
+        "seeds": [1], "grid": {"method": {"sapo": {"loss.loss_type": "sapo"}, "grpo": {"loss.loss_type": "grpo"}}}}))
+    array = cluster.run("megatron-sapo", "sweep", str(sweep_file), "--array").strip()
+    assert array == "0-1"
+    log = tmp_path / "job-%a.out"
+    job_id = cluster.submit(log, f"--array={array}", "recipes/sweep.sbatch", str(sweep_file))
+    sapo, grpo = out / "cells" / "sapo" / "seed1", out / "cells" / "grpo" / "seed1"
+    log0 = tmp_path / "job-0.out"
+    wait_for_steps(cluster, f"{job_id}_0", sapo, log0, 3)
+    cluster.run("scancel", "--batch", "--signal=USR1", f"{job_id}_0")
+    text = wait_for_text(log0, "resuming from", cluster, f"{job_id}_0")
+    assert re.search(r"stopped at step \d+ of 8: requeueing job \d+", text), text
+    for task in (0, 1):
+        job = cluster.wait(f"{job_id}_{task}", {"COMPLETED", "FAILED", "CANCELLED"}, tmp_path / f"job-{task}.out")
+        assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
+    cluster.show_logs(log0)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("slurm_sweep").experiment_id])
+    assert sorted(r.data.tags["cell"] for r in runs) == ["grpo/seed1", "sapo/seed1"]  # the resumed cell: one run
+    for run, folder in ((r, out / "cells" / r.data.tags["cell"]) for r in runs):
+        assert run.info.status == "FINISHED"
+        steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "reward/mean")})
+        assert steps == list(range(1, 9)) and latest_checkpoint(folder)["extra"]["trainer_step"] == 8
+    assert logged_steps(grpo) == list(range(1, 9))
+
+    log = tmp_path / "again-%a.out"
+    job_id = cluster.submit(log, f"--array={array}", "recipes/sweep.sbatch", str(sweep_file))
+    for task in (0, 1):
+        job = cluster.wait(f"{job_id}_{task}", {"COMPLETED", "FAILED"}, tmp_path / f"again-{task}.out", timeout=60)
+        assert job["JobState"] == "COMPLETED"
+        assert "has finished: nothing to do" in (tmp_path / f"again-{task}.out").read_text()
+
+    log = tmp_path / "no-array.out"
+    job_id = cluster.submit(log, "recipes/sweep.sbatch", str(sweep_file))
+    job = cluster.wait(job_id, {"COMPLETED", "FAILED"}, log, timeout=60)
+    assert job["JobState"] == "FAILED" and "not an array job" in log.read_text()

@@ -306,3 +306,55 @@ def test_close_while_server_down_is_sent_by_the_next_tracker(server, tmp_path):
     assert len(client.search_runs([experiment.experiment_id], "attributes.run_name = 'never'")) == 1
     assert history(server.url, again.run_id, "reward/mean") == [(0, 5.0), (1, 6.0)]
     assert find_run_id(never) == again.run_id and not (never / "mlflow" / "pending.jsonl").exists()
+
+
+def _create_and_start_a_run(db: str, name: str, start, out) -> None:
+    from megatron_sapo.tracking import create_sqlite_store
+
+    start.wait()
+    create_sqlite_store(Path(db))
+    client = MlflowClient("sqlite:///" + db)
+    experiment = client.get_experiment_by_name("Default")
+    out.put(client.create_run(experiment.experiment_id, run_name=name).info.run_id)
+
+
+def test_jobs_that_start_together_on_one_sqlite_store_all_keep_their_runs(tmp_path):
+    """A sweep's Slurm array starts its cells at once on the sweep's sqlite store: one job creates it, under a lock;
+    without the lock a later job's fresh store would replace the first one's, runs and all."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    db = str(tmp_path / "shared" / "mlflow.db")
+    start, out = ctx.Event(), ctx.Queue()
+    jobs = [ctx.Process(target=_create_and_start_a_run, args=(db, f"cell{i}", start, out)) for i in range(4)]
+    for job in jobs:
+        job.start()
+    start.set()
+    for job in jobs:
+        job.join(120)
+        assert job.exitcode == 0
+    created = {out.get(timeout=5) for _ in jobs}
+    client = MlflowClient("sqlite:///" + db)
+    kept = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name("Default").experiment_id])}
+    assert kept == created and len(kept) == 4
+
+
+def test_runs_of_a_shared_sqlite_store_carry_their_tags_and_keep_artifacts_beside_it(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'sweep' / 'mlflow' / 'mlflow.db'}"
+    for cell in ("a", "b"):
+        tracker = Tracker(TrackingConfig(tracking_uri=uri, experiment="sweep1", tags={"cell": cell, "seed": "1"}),
+                          tmp_path / cell)
+        tracker.log_metrics({"reward/mean": 0.5}, 1)
+        tracker.log_text("hello", "notes/a.txt")
+        tracker.close()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep1")
+    assert experiment.artifact_location == (tmp_path / "sweep" / "mlflow" / "artifacts").as_uri()
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["cell"] for r in runs) == ["a", "b"]
+    assert all(r.data.tags["seed"] == "1" and r.data.tags["output_dir"].startswith(str(tmp_path)) for r in runs)
+    for run in runs:
+        assert (tmp_path / "sweep" / "mlflow" / "artifacts" / run.info.run_id / "artifacts" / "notes" /
+                "a.txt").read_text() == "hello"
+    with pytest.raises(ValueError, match="tracking.tags must be a mapping"):
+        TrackingConfig(tags=["a"])

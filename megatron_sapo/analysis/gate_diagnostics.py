@@ -10,7 +10,8 @@ later, off-policy ones, and so do the statistics here by default.
 
 `gate_statistics` turns a step's updates into per-token ratios and per-sequence Var_i, D_i and bound with the loss
 library's own functions (losses/metrics.py); `plot_gate_diagnostics` draws them for the earliest and latest dumped
-steps (tools/plot_gate_diagnostics.py is its command line). Pure torch; matplotlib only when drawing.
+steps (tools/plot_gate_diagnostics.py is its command line). For a run of another loss (GSPO, GRPO) the same SAPO
+gate statistics show what SAPO's gate would do with that run's ratios. Pure torch; matplotlib only when drawing.
 """
 
 from __future__ import annotations
@@ -148,11 +149,14 @@ def plot_gate_diagnostics(run_dir: str | Path, out_dir: str | Path | None = None
         row[1].hist(var, bins=60, color="C1")
         row[1].set_xlabel("log10 Var_i (within-sequence variance of log r)")
         row[1].set_title(f"Var_i: median {info['var_median']:.2g}, p90 {info['var_p90']:.2g}", fontsize="medium")
-        bound, gap = stats["bound"].numpy(), stats["gap"].numpy()
+        floor = 1e-10  # log axes: a sequence of equal log-ratios has D_i = bound = 0
+        bound, gap = stats["bound"].clamp_min(floor).numpy(), stats["gap"].clamp_min(floor).numpy()
         row[2].scatter(bound, gap, s=6, alpha=0.5, color="C2", label="sequences")
-        top = float(max(bound.max(initial=0), gap.max(initial=0))) or 1.0
-        row[2].plot([0, top], [0, top], color="k", linewidth=1, label="D_i = bound")
-        row[2].set_xlabel("bound (tau^2 / 4) Var_i")
+        top = float(max(bound.max(initial=floor), gap.max(initial=floor)))
+        row[2].plot([floor, top], [floor, top], color="k", linewidth=1, label="D_i = bound")
+        row[2].set_xscale("log")
+        row[2].set_yscale("log")
+        row[2].set_xlabel(f"bound (tau^2 / 4) Var_i (floor {floor:g})")
         row[2].set_ylabel("D_i")
         row[2].set_title(f"D_i <= bound for {100 * info['within_bound_frac']:.1f}% of sequences", fontsize="medium")
         row[2].legend(fontsize="small")

@@ -1,0 +1,94 @@
+"""Sweep files: the cells they make (order, groups, folders, configs, tracking) and the errors they give."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_sapo.sweeps.runner import cell_state, prepare_cell
+from megatron_sapo.sweeps.spec import load_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_sweep(tmp_path, **changes):
+    data = {"name": "s1", "config": str(REPO / "recipes" / "tiny_cpu.yaml"), "output_dir": str(tmp_path / "out"),
+            "overrides": {"trainer.steps": 7}, "seeds": [3, 4],
+            "grid": {"method": {"sapo": {"loss.loss_type": "sapo"},
+                                "grpo_r2": {"loss.loss_type": "grpo", "policy.routing_replay": "r2"}},
+                     "policy.lr": [1.0e-3, 3.0e-3]}}
+    data.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}, sort_keys=False))
+    return path
+
+
+def test_cells_cross_the_axes_in_order_with_the_seed_fastest(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sweep = load_sweep(write_sweep(tmp_path))
+    assert [c.name for c in sweep.cells] == [
+        f"{m}-lr{lr}/seed{s}" for m in ("sapo", "grpo_r2") for lr in ("0.001", "0.003") for s in (3, 4)]
+    assert [c.index for c in sweep.cells] == list(range(8))
+    assert list(sweep.groups) == ["sapo-lr0.001", "sapo-lr0.003", "grpo_r2-lr0.001", "grpo_r2-lr0.003"]
+    cell = sweep.cells[5]  # grpo_r2, lr 0.001, seed 4
+    cfg = cell.config
+    assert (cfg.loss.loss_type, cfg.policy.routing_replay, cfg.policy.lr) == ("grpo", "r2", 1.0e-3)
+    assert (cfg.policy.seed, cfg.data.seed, cfg.trainer.steps) == (4, 4, 7)
+    assert Path(cfg.output_dir) == tmp_path / "out" / "cells" / "grpo_r2-lr0.001" / "seed4"
+    assert cfg.tracking.experiment == "s1" and cfg.tracking.run_name == "s1/grpo_r2-lr0.001/seed4"
+    assert cfg.tracking.tags == {"sweep": "s1", "cell": "grpo_r2-lr0.001/seed4", "group": "grpo_r2-lr0.001",
+                                 "seed": "4", "method": "grpo_r2", "policy.lr": "lr0.001"}
+    assert cfg.tracking.tracking_uri == f"sqlite:///{(tmp_path / 'out' / 'mlflow' / 'mlflow.db').resolve()}"
+    manifest = sweep.manifest()
+    assert manifest["cells"][5]["output_dir"] == "cells/grpo_r2-lr0.001/seed4"
+
+
+def test_a_tracking_uri_of_the_environment_or_the_sweep_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert load_sweep(write_sweep(tmp_path)).cells[0].config.tracking.tracking_uri is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    path = write_sweep(tmp_path, overrides={"tracking.tracking_uri": "http://other:5000"})
+    assert load_sweep(path).cells[0].config.tracking.tracking_uri == "http://other:5000"
+
+
+def test_no_grid_is_one_group_of_seeds(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, grid=None, seeds=[1, 2, 3]))
+    assert [c.name for c in sweep.cells] == ["base/seed1", "base/seed2", "base/seed3"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"gird": {}}, "unknown key gird; a sweep has: name, config"),
+    ({"name": None}, "name must be a non-empty string"),
+    ({"name": "a b"}, "may hold only letters"),
+    ({"config": "missing.yaml"}, "config .*missing.yaml does not exist"),
+    ({"seeds": [1, 1]}, "seeds must be distinct integers"),
+    ({"seeds": []}, "seeds must be a non-empty list"),
+    ({"grid": {"method": []}}, "grid.method must be a non-empty list"),
+    ({"grid": {"method": {"a": "loss.loss_type=sapo"}}}, "grid.method.a must be a mapping"),
+    ({"grid": {"method": {"sapo": {"loss.loss_typ": "sapo"}}}},
+     r"cell 0 \(sapo/seed3\): unknown key loss.loss_typ"),
+    ({"grid": {"loss.tau_neg": [1.0, -1.0]}}, r"cell 2 \(tau_neg_1.0/seed3\): loss.tau_neg must be"),
+    ({"launcher": "torchrun"}, "launcher must be a list"),
+])
+def test_bad_sweep_files_are_refused_naming_the_problem(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        load_sweep(write_sweep(tmp_path, **changes))
+
+
+def test_a_missing_sweep_file_and_an_unknown_cell(tmp_path):
+    with pytest.raises(ValueError, match="sweep file .*nope.yaml does not exist"):
+        load_sweep(tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match="has cells 0-7; no cell 8"):
+        load_sweep(write_sweep(tmp_path)).select([8])
+
+
+def test_a_started_cell_refuses_a_changed_config(tmp_path):
+    cell = load_sweep(write_sweep(tmp_path)).cells[0]
+    assert cell_state(cell) == "new"
+    prepare_cell(cell)
+    (cell.output_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert cell_state(cell) == "started"
+    changed = load_sweep(write_sweep(tmp_path, overrides={"trainer.steps": 9})).cells[0]
+    with pytest.raises(ValueError, match=r"cell 0 \(sapo-lr0.001/seed3\) started with another config"):
+        prepare_cell(changed)
+    prepare_cell(cell)  # the same config again is fine
