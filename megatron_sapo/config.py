@@ -119,7 +119,7 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     """A config file and the files it builds on (`base:`), base first."""
     if path.resolve() in seen:
         raise ValueError(f"config file {path} is its own base (through {' -> '.join(str(p) for p in seen)})")
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path)
     base = data.pop("base", None)
     if base is None:
         return [data]
@@ -128,15 +128,17 @@ def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     return _read_recipe(path.parent / base, (*seen, path.resolve())) + [data]
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_mapping(path: Path, what: str = "config file") -> dict:
+    """The mapping a YAML file holds; a missing file, invalid YAML or another kind of value is a ValueError that
+    names `what` and the path."""
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+        raise ValueError(f"{what} {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+        raise ValueError(f"{what} {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        raise ValueError(f"{what} {path} must hold a mapping, got {type(data).__name__}")
     return data
 
 

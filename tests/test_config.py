@@ -129,7 +129,7 @@ def test_bad_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="config file .*missing.yaml does not exist"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
-    with pytest.raises(ValueError, match="must hold a mapping of sections, got list"):
+    with pytest.raises(ValueError, match="config file .* must hold a mapping, got list"):
         load_config(tmp_path / "list.yaml")
     (tmp_path / "broken.yaml").write_text("trainer: {steps: [\n")
     with pytest.raises(ValueError, match="is not valid YAML"):

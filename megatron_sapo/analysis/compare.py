@@ -139,19 +139,21 @@ def _pm(stat: dict, digits: int = 3) -> str:
 
 
 def report_table(summary: dict) -> str:
-    """The markdown table: one row per group."""
+    """The markdown table: one row per group (means over its seeds, +- their standard deviation)."""
+    cfg = summary["thresholds"]
     head = ("| group | seeds | steps | final pass@1 | best pass@1 | final reward | collapses | steps to collapse "
-            "| grad-norm spikes | max ratio | entropy first -> last | train s |")
+            f"| grad-norm spikes | steps with ratio > {cfg['ratio_limit']:g} (max ratio) "
+            f"| steps with mismatch > {cfg['mismatch_limit']:g} | entropy first -> last | train s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for group, g in summary["groups"].items():
         entropy = (f"{g['entropy_first']['mean']:.2f} -> {g['entropy_last']['mean']:.2f}"
                    if g["entropy_first"]["n"] else "-")
+        ratio = _pm(g["ratio_blowups"], 1) + (f" ({g['ratio_max']:.3g})" if g["ratio_max"] is not None else "")
         lines.append(
             f"| {group} | {g['seeds']} | {g['last_step']['min']:.0f} | {_pm(g['final_pass_at_1'])} | "
             f"{_pm(g['best_pass_at_1'])} | {_pm(g['final_reward'])} | {g['collapses']}/{g['seeds']} | "
-            f"{', '.join(map(str, g['collapse_steps'])) or '-'} | {_pm(g['grad_norm_spikes'], 1)} | "
-            f"{g['ratio_max'] if g['ratio_max'] is None else format(g['ratio_max'], '.3g')} | {entropy} | "
-            f"{g['seconds']['mean']:.0f} |")
+            f"{', '.join(map(str, g['collapse_steps'])) or '-'} | {_pm(g['grad_norm_spikes'], 1)} | {ratio} | "
+            f"{_pm(g['mismatch_blowups'], 1)} | {entropy} | {g['seconds']['mean']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

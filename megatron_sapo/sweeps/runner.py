@@ -15,6 +15,7 @@ their own, so a Ctrl-C at the terminal reaches only the sweep, which stops them 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,13 +69,30 @@ def cell_command(sweep: Sweep, config: Path) -> list[str]:
     return [*sweep.launcher, sys.executable, "-m", "megatron_sapo.cli", "train", str(config)]
 
 
+def logged_step(cell: Cell) -> int:
+    """The last step in the cell's metrics.jsonl (0 before its first), read from the file's end."""
+    path = cell.output_dir / "metrics.jsonl"
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        match = re.match(rb'\{"step": (\d+)', line)
+        if match:
+            return int(match.group(1))
+    return 0
+
+
 class SweepRunner:
-    def __init__(self, sweep: Sweep, *, jobs: int = 1, say=print):
+    def __init__(self, sweep: Sweep, *, jobs: int = 1, say=print, progress_every_s: float = 60.0):
         if jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {jobs}")
-        self.sweep, self.jobs, self.say = sweep, jobs, say
+        self.sweep, self.jobs, self.say, self.progress_every_s = sweep, jobs, say, progress_every_s
         self.stop_signal: int | None = None
         self.running: dict[int, tuple[Cell, subprocess.Popen, float]] = {}
+        self.durations: list[float] = []  # of the cells finished in this sweep run, for the estimate of what is left
 
     def run(self, cells: list[Cell]) -> list[Cell]:
         """Run the unfinished ones of `cells`; returns the cells that failed (empty: all finished). Stops starting
@@ -92,12 +110,16 @@ class SweepRunner:
         began = time.monotonic()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM,
                                                                             signal.SIGUSR1)}
+        shown = time.monotonic()
         try:
             queue = list(todo)
             while queue or self.running:
                 while queue and len(self.running) < self.jobs and self.stop_signal is None:
                     self._start(queue.pop(0), done=len(todo) - len(queue), total=len(todo))
                 self._reap(failed)
+                if time.monotonic() - shown > self.progress_every_s and self.running:
+                    shown = time.monotonic()
+                    self._progress(len(queue))
                 if self.stop_signal is not None and not self.running:
                     raise KeyboardInterrupt(f"the sweep stopped on {signal.Signals(self.stop_signal).name}; run the "
                                             "same command to continue (finished cells are skipped, the others "
@@ -109,6 +131,16 @@ class SweepRunner:
         self.say(f"sweep {self.sweep.name}: {len(todo) - len(failed)} of {len(todo)} cells run in "
                  f"{format_duration(time.monotonic() - began)}" + (f", {len(failed)} failed" if failed else ""))
         return failed
+
+    def _progress(self, queued: int) -> None:
+        """One line: each running cell's step, and an estimate of the time left from the cells finished so far."""
+        cells = ", ".join(f"{cell.name} step {logged_step(cell)}/{cell.config.trainer.steps}"
+                          for cell, _, _ in self.running.values())
+        left = ""
+        if self.durations:
+            per_cell = sum(self.durations) / len(self.durations)
+            left = f"; about {format_duration(per_cell * (queued + len(self.running) / 2) / self.jobs)} left"
+        self.say(f"sweep {self.sweep.name}: running {cells}; {queued} queued{left}")
 
     def _on_signal(self, signum, _frame) -> None:
         self.stop_signal = signum
@@ -137,6 +169,7 @@ class SweepRunner:
             del self.running[index]
             took = format_duration(time.monotonic() - began)
             if code == 0 and cell_state(cell) == "finished":
+                self.durations.append(time.monotonic() - began)
                 self.say(f"cell {cell.index} {cell.name}: finished in {took}")
             elif code == 0:
                 self.say(f"cell {cell.index} {cell.name}: stopped at step {cell_step(cell)} after {took}")

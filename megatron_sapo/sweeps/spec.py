@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import TrainConfig, load_config
+from ..config import TrainConfig, load_config, read_yaml_mapping
 
 SWEEP_KEYS = ("name", "config", "output_dir", "overrides", "seeds", "seed_keys", "grid", "launcher")
 DEFAULT_SEED_KEYS = ("policy.seed", "data.seed")
@@ -131,15 +131,8 @@ def _as_list(data: dict, key: str, where: str, default) -> list:
 def load_sweep(path: str | Path) -> Sweep:
     """Read a sweep file and resolve every cell's training config (a ValueError names the file, key or cell)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"sweep file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"sweep file {path} is not valid YAML: {err}") from None
+    data = read_yaml_mapping(path, "sweep file")
     where = f"sweep file {path}"
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must hold a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - set(SWEEP_KEYS))
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]}; a sweep has: {', '.join(SWEEP_KEYS)}")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_sapo.sweeps.runner import cell_state, prepare_cell
+from megatron_sapo.sweeps.runner import cell_state, logged_step, prepare_cell
 from megatron_sapo.sweeps.spec import load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,8 +86,9 @@ def test_a_started_cell_refuses_a_changed_config(tmp_path):
     cell = load_sweep(write_sweep(tmp_path)).cells[0]
     assert cell_state(cell) == "new"
     prepare_cell(cell)
-    (cell.output_dir / "metrics.jsonl").write_text('{"step": 1}\n')
-    assert cell_state(cell) == "started"
+    assert logged_step(cell) == 0
+    (cell.output_dir / "metrics.jsonl").write_text('{"step": 0, "eval/pass_at_1": 0.1}\n{"step": 1}\n{"st')
+    assert cell_state(cell) == "started" and logged_step(cell) == 1  # a line cut short is skipped
     changed = load_sweep(write_sweep(tmp_path, overrides={"trainer.steps": 9})).cells[0]
     with pytest.raises(ValueError, match=r"cell 0 \(sapo-lr0.001/seed3\) started with another config"):
         prepare_cell(changed)
