@@ -88,30 +88,36 @@ def gate_statistics(dump: dict, updates: slice = slice(1, None)) -> dict[str, to
     (default: the 2nd onwards, the off-policy ones), with tau by the sign of each sequence's advantage. Sequences
     with a non-finite log-ratio (a skipped update) are left out."""
     chosen = dump["updates"][updates] or dump["updates"]
-    ratios, variances, gaps, bounds = [], [], [], []
+    ratios, signs, variances, gaps, bounds = [], [], [], [], []
     for update in chosen:
         log_ratio, mask = _padded(update)
         finite = torch.where(mask, log_ratio, 0.0).isfinite().all(dim=1) & mask.any(dim=1)
         log_ratio, mask = log_ratio[finite], mask[finite]
-        tau = select_tau(update["advantages"][finite].double(), dump["tau_pos"], dump["tau_neg"])
+        adv = update["advantages"][finite].double()
+        tau = select_tau(adv, dump["tau_pos"], dump["tau_neg"])
         var = sequence_log_ratio_variance(log_ratio, mask)
         gap, bound = sequence_gate_gap(log_ratio, mask, tau, var)
         ratios.append(log_ratio[mask].exp())
+        signs.append(adv.sign()[:, None].expand(mask.shape)[mask])
         variances.append(var)
         gaps.append(gap)
         bounds.append(bound)
-    return {"ratio": torch.cat(ratios), "var": torch.cat(variances), "gap": torch.cat(gaps),
-            "bound": torch.cat(bounds)}
+    return {"ratio": torch.cat(ratios), "adv_sign": torch.cat(signs), "var": torch.cat(variances),
+            "gap": torch.cat(gaps), "bound": torch.cat(bounds)}
 
 
 def summarize(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     def q(x: torch.Tensor, p: float) -> float:
         return float(torch.quantile(x, p)) if len(x) else math.nan
 
-    r, var = stats["ratio"], stats["var"]
+    r, var, sign = stats["ratio"], stats["var"], stats["adv_sign"]
     return {"tokens": len(r), "sequences": len(var),
             "ratio_p01": q(r, 0.01), "ratio_median": q(r, 0.5), "ratio_p99": q(r, 0.99),
             "ratio_outside_0.8_1.2_frac": float(((r < 0.8) | (r > 1.2)).double().mean()) if len(r) else math.nan,
+            # where GRPO's clip (eps 0.2) has stopped the gradient and SAPO's gate has not: A < 0 with r < 0.8
+            # (SAPO's weight there is at least sech^2(tau_neg / 2), 0.78 at 1.05), A > 0 with r > 1.2
+            "neg_adv_ratio_below_0.8_frac": float(((sign < 0) & (r < 0.8)).double().mean()) if len(r) else math.nan,
+            "pos_adv_ratio_above_1.2_frac": float(((sign > 0) & (r > 1.2)).double().mean()) if len(r) else math.nan,
             "var_median": q(var, 0.5), "var_p90": q(var, 0.9),
             "gap_mean": float(stats["gap"].mean()) if len(var) else math.nan,
             "bound_mean": float(stats["bound"].mean()) if len(var) else math.nan,

@@ -42,7 +42,7 @@ def test_statistics_match_the_reference_per_sequence_and_skip_the_first_update(t
     mask = torch.tensor([[i < n for i in range(6)] for n in lengths], dtype=torch.float32)
     adv = torch.tensor([1.0, -0.5, -2.0, 0.0, 0.7])
     dump.add(torch.zeros(5, 6), mask, adv)  # update 1: r = 1 everywhere
-    log_r = torch.randn(5, 6, generator=gen) * 0.3
+    log_r = torch.randn(5, 6, generator=gen) * 0.5
     dump.add(log_r, mask, adv[:, None].expand(5, 6))  # per-token advantages: the row's mean picks tau
     path = dump.save(tmp_path, dp_rank=0)
     assert path.parent.name == DUMP_DIR and dumped_steps(tmp_path) == [7]
@@ -60,6 +60,12 @@ def test_statistics_match_the_reference_per_sequence_and_skip_the_first_update(t
     info = summarize(stats)
     assert info["sequences"] == 4 and info["tokens"] == sum(lengths)
     assert info["within_bound_frac"] == 1.0  # the paper's bound holds for every sequence
+    token_adv = torch.cat([adv[i].repeat(lengths[i]) for i in rows])
+    assert info["neg_adv_ratio_below_0.8_frac"] == pytest.approx(
+        ((token_adv < 0) & (expected_r < 0.8)).double().mean().item())
+    assert info["pos_adv_ratio_above_1.2_frac"] == pytest.approx(
+        ((token_adv > 0) & (expected_r > 1.2)).double().mean().item())
+    assert 0 < info["neg_adv_ratio_below_0.8_frac"] < 1
 
 
 def test_data_parallel_ranks_merge_and_non_finite_sequences_are_left_out(tmp_path):
