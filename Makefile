@@ -41,7 +41,7 @@ help:
 	@echo "make test-slurm  the sbatch recipes on a local one-node Slurm cluster (tests/test_slurm.py)"
 	@echo "make kernels  build kernels/build/libsapo_kernels_{host,cuda}.so (the CUDA one needs nvcc)"
 	@echo "make test-kernels-native  the kernels' C++ checks: host run, ThreadSanitizer, nvcc build"
-	@echo "make paper-sweep the SAPO paper's comparison at small scale (recipes/sweeps/paper_small.yaml, ~30 min)"
+	@echo "make paper-sweep the SAPO paper's comparison at small scale (recipes/sweeps/paper_small.yaml, ~50 min)"
 	@echo "make bench    the benchmarks (tools/bench_*.py): fused loss, train step, rollout, RL step vs TRL"
 	@echo "make gpu-wheels  download the wheels the GPU check installs offline into $(GPU_WHEELS)"
 	@echo "make gpu-check   the GPU check (tools/gpu_check.sh; GPU_CHECK_ARGS=--quick): GPU steps skipped without one"
@@ -125,7 +125,7 @@ demo: $(STAMP) $(DEMO)/model/config.json
 	$(VENV)/bin/megatron-sapo train recipes/tiny_cpu.yaml
 	$(VENV)/bin/megatron-sapo plot $(DEMO)/run
 
-# The SAPO paper's comparison at small scale (recipes/sweeps/paper_small.yaml: 18 runs, about 30 min on 2 cores),
+# The SAPO paper's comparison at small scale (recipes/sweeps/paper_small.yaml: 36 runs, about 50 min on 2 cores),
 # resumable: run it again to continue; the report lands in outputs/sweeps/paper_small/report
 paper-sweep: $(STAMP) $(DEMO)/model/config.json
 	$(VENV)/bin/megatron-sapo sweep recipes/sweeps/paper_small.yaml --jobs 2

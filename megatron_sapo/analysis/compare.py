@@ -149,8 +149,10 @@ def report_table(summary: dict) -> str:
         entropy = (f"{g['entropy_first']['mean']:.2f} -> {g['entropy_last']['mean']:.2f}"
                    if g["entropy_first"]["n"] else "-")
         ratio = _pm(g["ratio_blowups"], 1) + (f" ({g['ratio_max']:.3g})" if g["ratio_max"] is not None else "")
+        low, high = g["last_step"]["min"], g["last_step"]["max"]
+        steps = f"{low:.0f}" if low == high else f"{low:.0f}-{high:.0f}"  # some runs not at their end yet
         lines.append(
-            f"| {group} | {g['seeds']} | {g['last_step']['min']:.0f} | {_pm(g['final_pass_at_1'])} | "
+            f"| {group} | {g['seeds']} | {steps} | {_pm(g['final_pass_at_1'])} | "
             f"{_pm(g['best_pass_at_1'])} | {_pm(g['final_reward'])} | {g['collapses']}/{g['seeds']} | "
             f"{', '.join(map(str, g['collapse_steps'])) or '-'} | {_pm(g['grad_norm_spikes'], 1)} | {ratio} | "
             f"{_pm(g['mismatch_blowups'], 1)} | {entropy} | {g['seconds']['mean']:.0f} |")
@@ -173,8 +175,10 @@ def _draw(runs: list[Run], panels: list[tuple[str, str, int, bool]], path: Path,
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(run.group, []).append(run)
-    figure = figure_class()(figsize=(6.5 * len(panels), 4.2), layout="constrained")
-    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    figure = figure_class()(figsize=(6.5 * ncols, 4.0 * nrows), layout="constrained")
+    axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (key, label, window, log_y) in zip(axes, panels):
         for i, (group, members) in enumerate(groups.items()):
             band = _band(members, key, window)
@@ -215,8 +219,8 @@ def compare(paths: list[str | Path], out_dir: str | Path | None = None, *, cfg: 
     try:
         files.append(_draw(runs, [("reward/mean", "reward/mean", cfg.window, False),
                                   ("eval/pass_at_1", "eval pass@1", 1, False)], out_dir / CURVES, title))
-        files.append(_draw(runs, [("train/grad_norm", "grad norm", 1, True),
-                                  ("ratio/max", "largest token ratio", 1, True),
+        files.append(_draw(runs, [("train/grad_norm", "grad norm", cfg.window, True),
+                                  ("ratio/max", "largest token ratio", cfg.window, True),
                                   ("entropy/sampled_nll", "entropy estimate (sampled-token NLL)", cfg.window, False),
                                   ("response/length_mean", "response length", cfg.window, False)],
                            out_dir / STABILITY, title))
