@@ -115,7 +115,7 @@ def summarize(stats: dict[str, torch.Tensor]) -> dict[str, float]:
             "ratio_p01": q(r, 0.01), "ratio_median": q(r, 0.5), "ratio_p99": q(r, 0.99),
             "ratio_outside_0.8_1.2_frac": float(((r < 0.8) | (r > 1.2)).double().mean()) if len(r) else math.nan,
             # where GRPO's clip (eps 0.2) has stopped the gradient and SAPO's gate has not: A < 0 with r < 0.8
-            # (SAPO's weight there is at least sech^2(tau_neg / 2), 0.78 at 1.05), A > 0 with r > 1.2
+            # (SAPO's weight there is at least sech^2(tau_neg / 2), 0.77 at 1.05), A > 0 with r > 1.2
             "neg_adv_ratio_below_0.8_frac": float(((sign < 0) & (r < 0.8)).double().mean()) if len(r) else math.nan,
             "pos_adv_ratio_above_1.2_frac": float(((sign > 0) & (r > 1.2)).double().mean()) if len(r) else math.nan,
             "var_median": q(var, 0.5), "var_p90": q(var, 0.9),
@@ -169,7 +169,8 @@ def plot_gate_diagnostics(run_dir: str | Path, out_dir: str | Path | None = None
         for ax in row:
             ax.grid(alpha=0.3)
     meta = load_step(run_dir, steps[0])
-    figure.suptitle(f"{run_dir.name}: {meta['loss_type']}, tau_pos {meta['tau_pos']:g}, tau_neg {meta['tau_neg']:g}")
+    name = "/".join(run_dir.resolve().parts[-2:])  # a sweep cell's group/seed
+    figure.suptitle(f"{name}: {meta['loss_type']}, tau_pos {meta['tau_pos']:g}, tau_neg {meta['tau_neg']:g}")
     image = io.BytesIO()
     figure.savefig(image, format="png", dpi=100)
     return [write_atomic(out_dir / FIGURE, image.getvalue()),

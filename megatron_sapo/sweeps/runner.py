@@ -134,12 +134,14 @@ class SweepRunner:
 
     def _progress(self, queued: int) -> None:
         """One line: each running cell's step, and an estimate of the time left from the cells finished so far."""
-        cells = ", ".join(f"{cell.name} step {logged_step(cell)}/{cell.config.trainer.steps}"
+        steps = {cell.index: (logged_step(cell), cell.config.trainer.steps) for cell, _, _ in self.running.values()}
+        cells = ", ".join(f"{cell.name} step {steps[cell.index][0]}/{steps[cell.index][1]}"
                           for cell, _, _ in self.running.values())
         left = ""
         if self.durations:
             per_cell = sum(self.durations) / len(self.durations)
-            left = f"; about {format_duration(per_cell * (queued + len(self.running) / 2) / self.jobs)} left"
+            to_do = queued + sum(1 - done / total for done, total in steps.values())
+            left = f"; about {format_duration(per_cell * to_do / self.jobs)} left"
         self.say(f"sweep {self.sweep.name}: running {cells}; {queued} queued{left}")
 
     def _on_signal(self, signum, _frame) -> None:

@@ -93,3 +93,21 @@ def test_a_started_cell_refuses_a_changed_config(tmp_path):
     with pytest.raises(ValueError, match=r"cell 0 \(sapo-lr0.001/seed3\) started with another config"):
         prepare_cell(changed)
     prepare_cell(cell)  # the same config again is fine
+
+
+def test_the_progress_line_names_each_running_cell_step_and_estimates_the_time_left(tmp_path):
+    from megatron_sapo.sweeps.runner import SweepRunner
+
+    sweep = load_sweep(write_sweep(tmp_path))  # 7 steps per cell
+    lines = []
+    runner = SweepRunner(sweep, jobs=2, say=lines.append)
+    for cell, step in zip(sweep.cells[:2], (0, 7)):
+        cell.output_dir.mkdir(parents=True)
+        rows = "".join(f'{{"step": {s}, "wall_time": 0}}\n' for s in range(step + 1))
+        (cell.output_dir / "metrics.jsonl").write_text(rows)
+        runner.running[cell.index] = (cell, None, 0.0)
+    runner._progress(queued=3)
+    assert lines[-1] == "sweep s1: running sapo-lr0.001/seed3 step 0/7, sapo-lr0.001/seed4 step 7/7; 3 queued"
+    runner.durations = [100.0, 140.0]  # 120 s a cell; 3 queued + 1 + 0 cells left to run, 2 at a time
+    runner._progress(queued=3)
+    assert lines[-1].endswith("; 3 queued; about 4m00s left")
