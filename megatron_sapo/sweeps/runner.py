@@ -10,10 +10,15 @@ a cell whose config changed since it started is refused (its folder would mix tw
 SIGINT, SIGTERM or SIGUSR1 to the sweep is passed on to the running cells as SIGTERM: each finishes its step,
 checkpoints and exits, and the sweep starts no more cells (run it again to continue). The cells run in sessions of
 their own, so a Ctrl-C at the terminal reaches only the sweep, which stops them this way.
+
+A running cell holds an exclusive lock on <cell>/.sweep.lock, inherited by its trainer: a second sweep over the same
+folder (another terminal, or this one again after the first was killed while its trainers live on) skips that cell
+instead of starting a second trainer on the same checkpoints.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
@@ -29,6 +34,7 @@ from .spec import MANIFEST, Cell, Sweep
 
 CELL_CONFIG = "sweep_cell.yaml"
 CELL_LOG = "train.log"
+CELL_LOCK = ".sweep.lock"
 
 
 def cell_step(cell: Cell) -> int:
@@ -92,6 +98,7 @@ class SweepRunner:
         self.sweep, self.jobs, self.say, self.progress_every_s = sweep, jobs, say, progress_every_s
         self.stop_signal: int | None = None
         self.running: dict[int, tuple[Cell, subprocess.Popen, float]] = {}
+        self.locks: dict[int, int] = {}  # cell index -> the fd of its held lock file
         self.durations: list[float] = []  # of the cells finished in this sweep run, for the estimate of what is left
 
     def run(self, cells: list[Cell]) -> list[Cell]:
@@ -115,7 +122,7 @@ class SweepRunner:
             queue = list(todo)
             while queue or self.running:
                 while queue and len(self.running) < self.jobs and self.stop_signal is None:
-                    self._start(queue.pop(0), done=len(todo) - len(queue), total=len(todo))
+                    self._start(queue.pop(0), done=len(todo) - len(queue), total=len(todo), failed=failed)
                 self._reap(failed)
                 if time.monotonic() - shown > self.progress_every_s and self.running:
                     shown = time.monotonic()
@@ -151,17 +158,27 @@ class SweepRunner:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
-    def _start(self, cell: Cell, *, done: int, total: int) -> None:
+    def _start(self, cell: Cell, *, done: int, total: int, failed: list[Cell]) -> None:
         config = cell.output_dir / CELL_CONFIG
         log = cell.output_dir / CELL_LOG
+        lock = os.open(cell.output_dir / CELL_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            failed.append(cell)
+            self.say(f"cell {cell.index} {cell.name}: another process is running it ({cell.output_dir / CELL_LOCK} "
+                     "is locked); skipped")
+            return
         state = cell_state(cell)
         how = "new" if state == "new" else f"resuming from step {cell_step(cell)}"
         self.say(f"cell {cell.index} {cell.name} ({done}/{total}): {how}, log {log}")
         with open(log, "ab") as out:
             proc = subprocess.Popen(cell_command(self.sweep, config), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(lock,),
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.running[cell.index] = (cell, proc, time.monotonic())
+        self.locks[cell.index] = lock
 
     def _reap(self, failed: list[Cell]) -> None:
         for index, (cell, proc, began) in list(self.running.items()):
@@ -169,6 +186,7 @@ class SweepRunner:
             if code is None:
                 continue
             del self.running[index]
+            os.close(self.locks.pop(index))  # the trainer, which held it too, has exited
             took = format_duration(time.monotonic() - began)
             if code == 0 and cell_state(cell) == "finished":
                 self.durations.append(time.monotonic() - began)

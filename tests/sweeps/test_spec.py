@@ -111,3 +111,24 @@ def test_the_progress_line_names_each_running_cell_step_and_estimates_the_time_l
     runner.durations = [100.0, 140.0]  # 120 s a cell; 3 queued + 1 + 0 cells left to run, 2 at a time
     runner._progress(queued=3)
     assert lines[-1].endswith("; 3 queued; about 4m00s left")
+
+
+def test_a_cell_locked_by_another_process_is_skipped_not_run_twice(tmp_path):
+    import fcntl
+    import os
+
+    from megatron_sapo.sweeps.runner import CELL_LOCK, SweepRunner
+
+    sweep = load_sweep(write_sweep(tmp_path))
+    cell = sweep.cells[0]
+    cell.output_dir.mkdir(parents=True)
+    held = os.open(cell.output_dir / CELL_LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a trainer of an earlier sweep, still running, holds it
+    lines = []
+    try:
+        failed = SweepRunner(sweep, say=lines.append).run([cell])
+    finally:
+        os.close(held)
+    assert failed == [cell]
+    assert any("another process is running it" in line for line in lines)
+    assert not (cell.output_dir / "train.log").exists()

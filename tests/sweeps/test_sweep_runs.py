@@ -118,10 +118,12 @@ def test_the_paper_sweep_smoke_records_every_cell_and_writes_the_report(demo, tm
     assert sorted(plain["groups"]) == ["loss.loss_type=gspo", "loss.loss_type=sapo"]
 
 
-def test_a_stopped_sweep_resumes_its_cell_in_the_same_run(demo, tmp_path):
+def test_a_running_cell_is_not_started_twice_and_a_stopped_sweep_resumes_it_in_the_same_run(demo, tmp_path):
     path = smoke_sweep(demo, tmp_path, "stopped", grid={"method": {"sapo": {"loss.loss_type": "sapo"}}})
     data = yaml.safe_load(path.read_text())
-    data["overrides"].update({"trainer.steps": 8, "trainer.checkpoint_every": 0, "trainer.gate_dump_steps": []})
+    # long enough that the second sweep below finds the cell still running
+    data["overrides"].update({"trainer.steps": 60, "trainer.eval_every": 20, "trainer.checkpoint_every": 0,
+                              "trainer.gate_dump_steps": []})
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     out = tmp_path / "stopped"
     metrics = out / "cells" / "sapo" / "seed1" / "metrics.jsonl"
@@ -131,6 +133,8 @@ def test_a_stopped_sweep_resumes_its_cell_in_the_same_run(demo, tmp_path):
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):  # eval at 0, steps 1 and 2
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
         time.sleep(0.2)
+    code, busy = sweep(path)  # a second sweep over the same folder meanwhile: it must not start the cell again
+    assert code == 1 and "another process is running it" in busy, busy
     proc.send_signal(signal.SIGINT)  # Ctrl-C: the sweep passes it on as SIGTERM, the cell checkpoints
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130, log
@@ -146,4 +150,4 @@ def test_a_stopped_sweep_resumes_its_cell_in_the_same_run(demo, tmp_path):
             if r.data.tags.get("kind") != "compare"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "reward/mean")})
-    assert steps == list(range(1, 9))
+    assert steps == list(range(1, 61))
