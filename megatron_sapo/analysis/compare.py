@@ -71,6 +71,10 @@ def find_runs(paths: list[str | Path]) -> tuple[list[Run], dict]:
     runs += _group_plain_runs(plain)
     if not runs:
         raise ValueError(f"no run in {', '.join(map(str, paths))} has logged a step yet")
+    names = [r.name for r in runs]
+    for run in runs:  # run folders named alike (two sweeps' cells, or .../a/seed1 and .../b/seed1): by their path
+        if names.count(run.name) > 1:
+            run.name = str(run.path)
     return runs, manifest
 
 

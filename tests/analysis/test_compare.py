@@ -54,6 +54,15 @@ def test_groups_statistics_and_collapses_against_hand_values(tmp_path):
     assert "| 1/2 | 17 |" in table
 
 
+def test_runs_in_folders_of_the_same_name_stay_apart(tmp_path):
+    a = fake_run(tmp_path / "sapo" / "seed1", "sapo", 1, [0.5] * 10, [0.1, 0.9])
+    b = fake_run(tmp_path / "gspo" / "seed1", "gspo", 1, [0.5] * 10, [0.1, 0.3])
+    summary = compare([a, b], tmp_path / "report", mlflow=False, say=lambda t: None)
+    assert summary["groups"]["loss.loss_type=sapo"]["final_pass_at_1"]["mean"] == pytest.approx(0.9)
+    assert summary["groups"]["loss.loss_type=gspo"]["final_pass_at_1"]["mean"] == pytest.approx(0.3)
+    assert sorted(summary["runs"]) == sorted([str(a), str(b)])
+
+
 def test_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(ValueError, match="neither a sweep folder"):
         compare([tmp_path], tmp_path / "r", mlflow=False)
