@@ -23,19 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from .runs import run_env
 from .test_trainer import CLI, REPO, SGLANG_PYTHON
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 STEPS = 60  # more than the kills can get through: every injection lands before the end
 KILLS = 10
-
-
-def _run_env(**extra: str) -> dict[str, str]:
-    """The runs' environment: the run's own MLflow store (not one the caller's environment points at), one thread."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(OMP_NUM_THREADS="1", **extra)
-    return env
 
 
 def _command(demo: Path, out: Path) -> list[str]:
@@ -76,7 +70,7 @@ def _watch(job, stepped: threading.Event) -> None:
 
 def test_the_job_killed_at_random_moments_resumes_from_its_last_checkpoint(demo, tmp_path, fault_report):
     out = tmp_path / "run"
-    env = _run_env()
+    env = run_env()
     rng = random.Random(15)
     lost, recover, killed_at = [], [], []
     for injection in range(KILLS):
@@ -139,7 +133,7 @@ def test_a_locked_mlflow_store_holds_up_nothing_and_loses_nothing(demo, tmp_path
     command = _command(demo, out)
     command = [c for c in command if not c.startswith(("tracking.enabled", "trainer.steps", "trainer.checkpoint"))]
     command += [f"trainer.steps={steps}", "trainer.checkpoint_every=0", "tracking.retry_interval_s=1"]
-    env = _run_env()
+    env = run_env()
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, stepped = [], threading.Event()
 
@@ -223,7 +217,7 @@ def test_sglang_killed_and_hung_during_distributed_weight_updates(demo, tmp_path
                 "rollout.sglang.request_timeout_s=20", "rollout.sglang.hang_timeout_s=5",
                 "rollout.sglang.update_timeout_s=10"]
     # unbuffered: the server's access log (its stdout) shows each answered request at once, the injections' clock
-    env = _run_env(PYTHONUNBUFFERED="1")
+    env = run_env(PYTHONUNBUFFERED="1")
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
     lines: list[str] = []
@@ -329,7 +323,7 @@ def test_corrupted_inputs_are_named_before_training_starts(demo, tmp_path, fault
     foreign = tmp_path / "foreign"
     spawn_local(_other_model_checkpoint, 1, str(other), str(foreign))
 
-    env = _run_env()
+    env = run_env()
     base = [c for c in _command(demo, tmp_path / "run") if not c.startswith(("trainer.steps", "output_dir"))]
     cases = {
         "a truncated model safetensors": ([f"policy.model_path={truncated}"], "model.safetensors is not a readable"),

@@ -25,6 +25,8 @@ import pytest
 
 from megatron_sapo.policy.parallel import free_port
 
+from .runs import run_env
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_TOOL = REPO / "tools" / "slurm_cluster.sh"
 RECIPE = "recipes/tiny_cpu.sbatch"
@@ -49,10 +51,9 @@ def require(*tools: str, root: bool = False) -> None:
 class Cluster:
     def __init__(self, folder: Path):
         self.folder = folder
-        self.env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        self.env.update(SLURM_CONF=str(folder / "slurm.conf"), SAPO_SLURM_CTLD_PORT=str(free_port()),
-                        SAPO_SLURM_NODE_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-                        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        self.env = run_env(SLURM_CONF=str(folder / "slurm.conf"), SAPO_SLURM_CTLD_PORT=str(free_port()),
+                           SAPO_SLURM_NODE_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo",
+                           PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
     def tool(self, action: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(CLUSTER_TOOL), action, str(self.folder)], env=self.env,

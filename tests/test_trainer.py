@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .runs import run_env
+
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("megatron-sapo"))
 SGLANG_PYTHON = os.environ.get("SAPO_SGLANG_PYTHON", str(REPO / ".venv-sglang" / "bin" / "python"))
@@ -24,9 +26,8 @@ def train(demo: Path, out: Path, *overrides: str, launcher=(), env=None, timeout
             f"policy.model_path={demo / 'model'}", f"data.train_files=[{demo / 'train.jsonl'}]",
             f"data.eval_files=[{demo / 'eval.jsonl'}]", "data.prompts_per_step=8", "trainer.eval_prompts=16",
             *overrides]
-    run_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    run_env.update(OMP_NUM_THREADS="1", **(env or {}))
-    result = subprocess.run(args, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(args, cwd=REPO, env=run_env(**(env or {})), capture_output=True, text=True,
+                            timeout=timeout)
     if not check:
         return result.returncode, result.stdout + result.stderr
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -17,6 +17,7 @@ import pytest
 from megatron_sapo.policy.parallel import free_port
 from megatron_sapo.watchdog import EXIT_CODE
 
+from .runs import run_env
 from .test_trainer import CLI, REPO, TORCHRUN
 
 TIMEOUT = 3.0  # the unit tests' watchdog timeout; its interval is TIMEOUT / 4
@@ -144,9 +145,7 @@ def test_a_stopped_trainer_rank_ends_the_torchrun_job(demo, tmp_path, fault_repo
                f"data.eval_files=[{demo / 'eval.jsonl'}]", "data.prompts_per_step=8", "trainer.steps=50",
                "trainer.eval_every=0", "trainer.checkpoint_every=0", "tracking.enabled=false",
                "trainer.rank_timeout_s=10"]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = subprocess.Popen(command, cwd=REPO, env=run_env(GLOO_SOCKET_IFNAME="lo"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, stepped, reported = [], threading.Event(), []
 
     def read() -> None:  # so that the pipe never fills; flags the first finished step, times the watchdog's report

@@ -5,7 +5,6 @@ folders. About 3 minutes (the cells' start-ups, two at a time)."""
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from ..runs import run_env
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "megatron-sapo")
@@ -36,14 +37,8 @@ def smoke_sweep(demo: Path, tmp_path: Path, name: str, **changes) -> Path:
     return path
 
 
-def env():
-    out = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out["OMP_NUM_THREADS"] = "1"
-    return out
-
-
 def sweep(*args, timeout=900):
-    result = subprocess.run([CLI, "sweep", *map(str, args)], cwd=REPO, env=env(), capture_output=True, text=True,
+    result = subprocess.run([CLI, "sweep", *map(str, args)], cwd=REPO, env=run_env(), capture_output=True, text=True,
                             timeout=timeout)
     return result.returncode, result.stdout + result.stderr
 
@@ -97,7 +92,7 @@ def test_the_paper_sweep_smoke_records_every_cell_and_writes_the_report(demo, tm
     # the gate diagnostics of a SAPO cell, from the dumps of steps 2 and 3
     sapo = out / "cells" / "sapo" / "seed1"
     result = subprocess.run([sys.executable, str(REPO / "tools" / "plot_gate_diagnostics.py"), str(sapo)],
-                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+                            cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "step 2:" in result.stdout and "step 3:" in result.stdout
     assert (sapo / "plots" / "gate_diagnostics.png").is_file()
@@ -112,7 +107,7 @@ def test_the_paper_sweep_smoke_records_every_cell_and_writes_the_report(demo, tm
     report = tmp_path / "plain"
     result = subprocess.run([CLI, "compare", str(out / "cells" / "sapo" / "seed1"),
                              str(out / "cells" / "gspo" / "seed1"), "--out", str(report), "--no-mlflow"],
-                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+                            cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     plain = json.loads((report / "summary.json").read_text())
     assert sorted(plain["groups"]) == ["loss.loss_type=gspo", "loss.loss_type=sapo"]
@@ -127,7 +122,7 @@ def test_a_running_cell_is_not_started_twice_and_a_stopped_sweep_resumes_it_in_t
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     out = tmp_path / "stopped"
     metrics = out / "cells" / "sapo" / "seed1" / "metrics.jsonl"
-    proc = subprocess.Popen([CLI, "sweep", str(path)], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([CLI, "sweep", str(path)], cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):  # eval at 0, steps 1 and 2
