@@ -139,9 +139,10 @@ def plot_gate_diagnostics(run_dir: str | Path, out_dir: str | Path | None = None
     out_dir = Path(out_dir) if out_dir else run_dir / "plots"
     figure = figure_class()(figsize=(15, 3.6 * len(steps)), layout="constrained")
     axes = figure.subplots(len(steps), 3, squeeze=False)
-    summary = {}
+    summary, meta = {}, None
     for row, step in zip(axes, steps):
         dump = load_step(run_dir, step)
+        meta = meta or dump
         stats = gate_statistics(dump)
         summary[step] = info = summarize(stats)
         label = f"step {step}, updates 2-{len(dump['updates'])}" if len(dump["updates"]) > 1 else f"step {step}"
@@ -168,7 +169,6 @@ def plot_gate_diagnostics(run_dir: str | Path, out_dir: str | Path | None = None
         row[2].legend(fontsize="small")
         for ax in row:
             ax.grid(alpha=0.3)
-    meta = load_step(run_dir, steps[0])
     name = "/".join(run_dir.resolve().parts[-2:])  # a sweep cell's group/seed
     figure.suptitle(f"{name}: {meta['loss_type']}, tau_pos {meta['tau_pos']:g}, tau_neg {meta['tau_neg']:g}")
     image = io.BytesIO()
