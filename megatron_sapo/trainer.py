@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import lifeline
 from .config import TrainConfig
 from .loop.checkpointer import Checkpointer, Resumed
 from .loop.learner import Learner
@@ -69,6 +70,7 @@ def make_rollouts(cfg: TrainConfig, out: Path, weights: Path, version: int, *, s
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         check_inputs(cfg)
+        lifeline.install()  # what Megatron-Core forks ends with this process, as what we start does (lifeline.py)
         self.cfg = cfg
         out = Path(cfg.output_dir)
         parallel.init_distributed()

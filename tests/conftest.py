@@ -1,9 +1,16 @@
 """Test-wide settings: one intra-op thread (gloo and the 2-core CI machines are far faster that way), GPU tests
-skipped where no GPU exists, and the fault table: each fault-injection test (marked `fault`; `make test-faults` runs
-them alone) adds its row through the `fault_report` fixture, and the run's output ends with the table."""
+skipped where no GPU exists, the fault table: each fault-injection test (marked `fault`; `make test-faults` runs
+them alone) adds its row through the `fault_report` fixture, and the run's output ends with the table; and the
+suite leaves no process behind: this process is made the "subreaper" of everything the tests start, so that an
+orphan (a child of a killed run) is re-parented here rather than to init, and the session fails on any process
+still running at its end."""
 
+import contextlib
+import ctypes
 import importlib.util
 import os
+import signal
+import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -81,3 +88,45 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("fault injection")
     for row in [header, tuple("-" * w for w in widths), *FAULT_ROWS]:
         terminalreporter.write_line(" | ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def pytest_sessionstart(session):
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # Linux; elsewhere a no-op
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session on any process the tests started that still runs: this process's children now (orphans
+    included, see the module docstring), but for multiprocessing's resource tracker, which ends with this process.
+    Those that end within 10 s are not survivors (a run killed by the last test may still be going down)."""
+    from multiprocessing import resource_tracker
+
+    from .runs import alive, process_tree
+
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    deadline = time.monotonic() + 10
+    while True:
+        while True:  # collect the orphans that have ended (zombies whose parent is now this process)
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+        left = alive({pid: start for pid, start in process_tree(os.getpid()).items() if pid != tracker})
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        say = reporter.write_line if reporter else print
+        if reporter:
+            reporter.write_sep("=", "processes left behind", red=True)
+        say(f"FAILED: {len(left)} processes started by the tests outlived them (now killed):")
+        for pid, command in left.items():
+            say(f"  pid {pid}: {command}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -15,6 +15,8 @@ CheckpointError that names the difference or the cause, never a partial load.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .. import lifeline
 from ..atomic import describe_os_error, replace_folder, write_atomic
 from . import cpu_compat
 
@@ -31,6 +34,26 @@ LATEST = "latest"
 
 class CheckpointError(RuntimeError):
     pass
+
+
+_write_results_manager = None
+
+
+def _arm_megatron_writer_manager() -> None:
+    """Megatron-Core's torch_dist saver collects its write workers' results through a queue of a multiprocessing
+    manager: a spawned process, started at the first save and kept (filesystem_async._results_queue). Started by
+    Megatron, it would outlive a SIGKILLed trainer; started here first, it arms against this process (lifeline.py)
+    and Megatron takes our queue."""
+    global _write_results_manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from multiprocessing.managers import SyncManager
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=lifeline.arm, initargs=(os.getpid(),))
+    _write_results_manager = manager  # the manager process lives as long as this object
+    filesystem_async._results_queue = manager.Queue()
 
 
 def _model_identity(policy) -> dict:
@@ -192,6 +215,7 @@ def save_checkpoint(policy, root: str | Path, extra: dict | None = None, *, numb
 
     error = None
     try:
+        _arm_megatron_writer_manager()
         with cpu_compat.cuda_as_cpu():
             dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(tmp))
     except (Exception, CheckpointException) as err:  # a full disk surfaces as torch's zip writer failing

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import numbers
+import os
 import signal
 import time
 from collections import Counter, deque
@@ -39,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
+from .. import lifeline
 from ..signals import SHIELDED, shielded_children
 from .config import RewardConfig
 from .registry import resolve_reward
@@ -93,7 +95,8 @@ def _call_reward(function, completion: str, answer: str, kwargs: dict) -> tuple[
     return "ok", reward
 
 
-def _worker_main(conn, function_name: str, function_kwargs: dict) -> None:
+def _worker_main(conn, parent: int, function_name: str, function_kwargs: dict) -> None:
+    lifeline.arm(parent, name=f"reward worker {os.getpid()}")  # a hung call must not outlive the trainer
     # Ctrl-C reaches the whole process group, and Slurm signals every process of a job step: the parent decides
     # what they mean (megatron_sapo.signals)
     for sig in SHIELDED:
@@ -123,7 +126,7 @@ class _Worker:
         self.conn, child_conn = _CONTEXT.Pipe()
         self.process = _CONTEXT.Process(
             target=_worker_main,
-            args=(child_conn, config.function, config.function_kwargs),
+            args=(child_conn, os.getpid(), config.function, config.function_kwargs),
             name="reward-worker",
             daemon=True,
         )

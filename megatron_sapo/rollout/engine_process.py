@@ -5,8 +5,8 @@ The child builds the engine from a factory and answers the parent's calls in ord
 the calling thread only (it waits on the pipe without the GIL). An error in the child comes back as the same
 exception type when it can be pickled (else a RuntimeError with the child's traceback); a child that dies is an
 EngineProcessError naming its exit code. The child is started with the stop signals blocked (signals.py), so a
-Slurm warning or a Ctrl-C reaches the trainer and not its engine, and it exits when the parent's end of the pipe
-closes.
+Slurm warning or a Ctrl-C reaches the trainer and not its engine; it exits when the parent's end of the pipe
+closes, and ends with the parent whatever it is doing (lifeline.py).
 
 Memory: the engine's model lives only in the child; a call moves its prompts and completions through the pipe
 (pickled: a few bytes per token), never weights: updates name a folder the child loads.
@@ -15,9 +15,11 @@ Memory: the engine's model lives only in the child; a call moves its prompts and
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import traceback
 
+from .. import lifeline
 from ..signals import shielded_children
 
 
@@ -25,7 +27,8 @@ class EngineProcessError(RuntimeError):
     pass
 
 
-def _serve(conn, factory, args: tuple, kwargs: dict) -> None:
+def _serve(conn, parent: int, factory, args: tuple, kwargs: dict) -> None:
+    lifeline.arm(parent, name=f"rollout engine process {os.getpid()}")  # mid-generation, it reads no pipe
     try:
         engine = factory(*args, **kwargs)
     except BaseException as err:  # noqa: BLE001 - reported to the parent, whatever it is
@@ -65,7 +68,7 @@ class EngineProcess:
         self._conn, child = context.Pipe()
         self._lock = threading.Lock()  # one call at a time: answers come back in order
         with shielded_children():
-            self._process = context.Process(target=_serve, args=(child, factory, args, kwargs),
+            self._process = context.Process(target=_serve, args=(child, os.getpid(), factory, args, kwargs),
                                             name="rollout-engine", daemon=True)
             self._process.start()
         child.close()

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .. import lifeline
 from .engine import Completion, SamplingParams, check_prompts
 
 log = logging.getLogger(__name__)
@@ -93,27 +94,26 @@ SHIELDED_LAUNCHER = Path(__file__).with_name("sglang_launch_shielded.py")
 
 
 class SGLangServer:
-    """One local SGLang server process (CPU or GPU); its log goes to `log_path`. Shielded (the default), it ignores
-    SIGINT, SIGTERM and SIGUSR1, which Slurm sends every process of the trainer's job step (sglang_launch_shielded.py),
-    and stop() ends it with SIGKILL to its process group."""
+    """One local SGLang server process (CPU or GPU); its log goes to `log_path`. It ignores SIGINT, SIGTERM and
+    SIGUSR1, which Slurm sends every process of the trainer's job step (sglang_launch_shielded.py); stop() ends it
+    with SIGKILL to its process group (a session of its own, which holds only the server), and it ends by itself
+    with the process that started it (lifeline.py)."""
 
     def __init__(self, model_dir: str | Path, port: int, *, python: str = "python", log_path: str | Path,
-                 extra_args: tuple[str, ...] = (), env: dict | None = None, startup_timeout: float = 300.0,
-                 shielded: bool = True):
-        self.model_dir, self.port, self.python, self.shielded = str(model_dir), port, python, shielded
+                 extra_args: tuple[str, ...] = (), env: dict | None = None, startup_timeout: float = 300.0):
+        self.model_dir, self.port, self.python = str(model_dir), port, python
         self.log_path, self.extra_args, self.env = Path(log_path), tuple(extra_args), dict(env or {})
         self.startup_timeout = startup_timeout
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        launcher = [str(SHIELDED_LAUNCHER)] if self.shielded else ["-m", "sglang.launch_server"]
-        cmd = [self.python, *launcher, "--model-path", self.model_dir, "--host", "127.0.0.1",
+        cmd = [self.python, str(SHIELDED_LAUNCHER), "--model-path", self.model_dir, "--host", "127.0.0.1",
                "--port", str(self.port), *self.extra_args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-                                        start_new_session=True)
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, **self.env, **lifeline.env_for_exec()})
         log.close()
         self.wait_ready()
 
@@ -158,19 +158,12 @@ class SGLangServer:
             time.sleep(1.0)
         return False
 
-    def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM to the server's process group (SIGCONT too: a stopped process acts on it only once continued),
-        SIGKILL after `grace` seconds; a shielded server ignores SIGTERM: SIGKILL at once."""
+    def stop(self) -> None:
+        """SIGKILL to the server's process group (it ignores SIGTERM), and wait for the launcher's end."""
         if self.alive():
-            for sig in (signal.SIGTERM, signal.SIGCONT) if not self.shielded else (signal.SIGKILL,):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, sig)
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
         self.process = None
 
 
@@ -250,7 +243,7 @@ class SGLangEngine:
             if server.alive():  # (not when it died while we asked)
                 log.warning("SGLang server %s does not answer /health within %.0f s (hung or stopped): killing it",
                             server.url, self.hang_timeout)
-                server.stop(grace=5.0)
+                server.stop()
             else:
                 log.warning("SGLang server %s is gone (exit code %s)", server.url,
                             server.process.poll() if server.process else None)

@@ -11,9 +11,14 @@ them ignored: requests to handle them (`signal.signal`, an event loop's `add_sig
 The ignored disposition passes to the server's own subprocesses (scheduler, detokenizer), which start with it.
 
 The trainer stops such a server with SIGKILL to its process group (SGLangServer.stop); Slurm ends it with the step.
-This file imports nothing of megatron_sapo: the servers' environment need not have it.
+Ignoring the stop signals must not make it outlive the trainer: when the trainer ends, however it ends (SIGKILL
+included), the launcher SIGKILLs its own process group, which holds the server's subprocesses (megatron_sapo/
+lifeline.py: the trainer's pid comes in $SAPO_LIFELINE_PARENT).
+This file imports nothing of megatron_sapo as a package (the servers' environment need not have it): lifeline.py,
+which imports only the standard library, is loaded by path.
 """
 
+import importlib.util
 import os
 import runpy
 import signal
@@ -38,10 +43,20 @@ def _shield() -> None:
     signal.signal = keep_ignored
 
 
+def _lifeline():
+    """The module megatron_sapo/lifeline.py, loaded by its path beside this file's folder."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lifeline.py")
+    spec = importlib.util.spec_from_file_location("megatron_sapo_lifeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 if __name__ == "__main__":
     # run by path, this file's folder comes first on sys.path, and its sglang.py would shadow the sglang package
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    _lifeline().arm_from_env(group=True, name=f"SGLang launcher {os.getpid()}")
     _shield()
     sys.argv[0] = "sglang.launch_server"
     runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
