@@ -5,13 +5,19 @@ tests/loop, tests/policy, tests/test_trainer.py, tests/test_watchdog.py and test
 marked `fault` and adds its row to the table printed at the end of the run, `make test-faults`.)
 
 The demo run (embedded engine, a checkpoint every step, so the kills land in generation, training, weight exports
-and checkpoint writes alike) is started and SIGKILLed (its whole process group, as a node failure or the OOM killer
-takes it) at a seeded random moment, again and again; each rerun of the same command must resume from the newest
-complete checkpoint, whose manifest is whole, and lose only the steps after it. A last rerun finishes, and a rerun
-of the finished run says so and exits 0. Printed: injections, steps lost each time, seconds to the first step after
-the restart. A step's metrics are logged before its checkpoint is written, so a kill that loses one step landed
-while that checkpoint was being written (measured: 6 of the 10, the others in generation, updates or exports)."""
+and checkpoint writes alike) is started and its trainer SIGKILLed (the process alone, as the OOM killer takes it)
+at a seeded random moment, or, every other time, while Megatron's forked writers write a checkpoint, again and
+again; the trainer's children (reward worker, Megatron's writers and their manager) must end with it within
+seconds (lifeline.py), and each rerun of the same command must resume from the newest complete checkpoint, whose
+manifest is whole, and lose only the steps after it. A last rerun finishes, and a rerun of the finished run says so
+and exits 0. Printed: injections, steps lost each time, seconds to the first step after the restart, seconds until
+the last child ended. A step's metrics are logged before its checkpoint is written, so a kill that loses one step
+landed while that checkpoint was being written.
 
+The trainer SIGKILLed with other children is below: with its SGLang server (and, attached by URL, a server it did
+not start, which must live on), with the embedded engine in a process of its own, and on two processes."""
+
+import contextlib
 import json
 import os
 import random
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from .runs import run_env
+from .runs import alive, process_tree, run_env, time_to_end
 from .test_trainer import CLI, REPO, SGLANG_PYTHON
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
@@ -68,34 +74,57 @@ def _watch(job, stepped: threading.Event) -> None:
             stepped.set()
 
 
-def test_the_job_killed_at_random_moments_resumes_from_its_last_checkpoint(demo, tmp_path, fault_report):
+def _kill_the_trainer(job, *, in_a_checkpoint: bool) -> tuple[float, int, bool]:
+    """SIGKILL the trainer alone, now or (in_a_checkpoint) as soon as a forked checkpoint writer of it runs; then
+    (seconds until none of its descendants ran, how many it had, whether a forked writer was among them)."""
+    command = Path(f"/proc/{job.pid}/cmdline").read_bytes()
+    began = time.monotonic()
+    while True:
+        tree = process_tree(job.pid)
+        forked = any(Path(f"/proc/{pid}/cmdline").read_bytes() == command for pid in alive(tree))
+        if forked or not in_a_checkpoint or time.monotonic() - began > 60 or job.poll() is not None:
+            break
+        time.sleep(0.005)
+    if job.poll() is None:
+        os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    return time_to_end(tree, timeout=5), len(tree), forked
+
+
+def test_the_trainer_killed_at_random_moments_resumes_and_leaves_nothing_behind(demo, tmp_path, fault_report):
     out = tmp_path / "run"
     env = run_env()
     rng = random.Random(15)
-    lost, recover, killed_at = [], [], []
+    lost, recover, killed_at, cleanup, in_checkpoint = [], [], [], [], 0
     for injection in range(KILLS):
         resumed_from = _latest(out)
         began = time.monotonic()
         job = subprocess.Popen(_command(demo, out), cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        stepped = threading.Event()
-        reader = threading.Thread(target=_watch, args=(job, stepped), daemon=True)
-        reader.start()
-        first_step = time.monotonic() - began if stepped.wait(timeout=300) else None
-        # a random point of the steps that follow: generation, updates, weight export or checkpoint writing
-        time.sleep(rng.uniform(0.0, 2.5))
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
+        try:
+            stepped = threading.Event()
+            reader = threading.Thread(target=_watch, args=(job, stepped), daemon=True)
+            reader.start()
+            first_step = time.monotonic() - began if stepped.wait(timeout=300) else None
+            # a random point of the steps that follow (generation, updates, weight export or checkpoint writing),
+            # or every other time a checkpoint write
+            time.sleep(rng.uniform(0.0, 2.5))
+            took, descendants, forked = _kill_the_trainer(job, in_a_checkpoint=injection % 2 == 1)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)  # after a failure: nothing of it stays behind
         reader.join(timeout=10)
         reached = max(_steps_logged(out), default=0)
         assert reached < STEPS, "the run ended before the injection"
         assert first_step is not None, f"injection {injection}: the rerun never reached a step"
+        assert descendants >= 3, descendants  # a reward worker, Megatron's writer manager, the resource tracker
         latest = _latest(out)
         assert latest >= resumed_from, (injection, latest, resumed_from)
         lost.append(reached - latest)
         recover.append(first_step)
         killed_at.append(reached)
+        cleanup.append(took)
+        in_checkpoint += forked
     final = subprocess.run(_command(demo, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     assert f"step {STEPS}/{STEPS}" in final.stdout + final.stderr
@@ -103,11 +132,15 @@ def test_the_job_killed_at_random_moments_resumes_from_its_last_checkpoint(demo,
     again = subprocess.run(_command(demo, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and f"already at step {STEPS} of {STEPS}" in again.stdout + again.stderr
     assert all(0 <= n <= 1 for n in lost), lost  # a checkpoint every step: at most the step in flight
-    print(f"\nSIGKILL of the whole job: {len(lost)} injections at steps {killed_at}, steps lost {lost}, "
-          f"seconds to the first step after each restart {[round(s, 1) for s in recover]}")
-    fault_report("the whole job SIGKILLed at a random moment (checkpoint every step)", len(lost), len(lost),
+    assert in_checkpoint >= KILLS // 2, in_checkpoint
+    print(f"\nSIGKILL of the trainer: {len(lost)} injections at steps {killed_at} ({in_checkpoint} while a forked "
+          f"checkpoint writer ran), steps lost {lost}, seconds to the first step after each restart "
+          f"{[round(s, 1) for s in recover]}, seconds until its last child ended {[round(s, 2) for s in cleanup]}")
+    fault_report("the trainer SIGKILLed at a random moment (checkpoint every step)", len(lost), len(lost),
                  f"{sum(lost)} in all, at most {max(lost)}",
                  f"{sum(recover) / len(recover):.1f} s mean to the next step")
+    fault_report(f"  its children then (embedded engine; {in_checkpoint} kills in a checkpoint write)", len(lost),
+                 len(lost), "-", f"all ended within {max(cleanup):.2f} s")
 
 
 LOCKER = r"""
@@ -349,3 +382,104 @@ def test_corrupted_inputs_are_named_before_training_starts(demo, tmp_path, fault
     assert run.returncode == 0 and "skipped 3 malformed prompt rows" in said and "step 1/1" in said, said[-3000:]
     fault_report("corrupted input: a prompt file with broken rows (default: skipped)", 1, 1, 0,
                  "3 rows skipped, counted")
+
+
+def _started(command: list[str], env: dict) -> tuple[subprocess.Popen, list[str]]:
+    """A run started in a session of its own, its output read into a list by a thread."""
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True).start()
+    return job, lines
+
+
+def _answered(log: Path) -> int:
+    """/generate requests a CPU SGLang server has answered (its access log), less its own warm-up request."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return text.count('"POST /generate HTTP/1.1" 200') - text.count("Uvicorn running on")
+
+
+def _killed_mid_generation(job, lines: list, log: Path, per_step: int) -> tuple[float, dict]:
+    """SIGKILL the trainer once the server at `log` has answered some but not all of step 2's requests (they go one
+    at a time); (seconds until its descendants ended, the descendants it had)."""
+    _until(lambda: _answered(log) > per_step + 2, 300, "step 2's generation", lines, job)
+    tree = process_tree(job.pid)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    assert _answered(log) < 2 * per_step, "the kill came after step 2's generation"
+    return time_to_end(tree, timeout=5), tree
+
+
+@pytest.mark.skipif(not Path(SGLANG_PYTHON).exists() and not os.environ.get("SAPO_SGLANG_PYTHON"),
+                    reason="SGLang environment not installed (make sglang-env)")
+def test_a_trainer_sigkilled_mid_generation_takes_its_sglang_server_along_and_leaves_an_attached_one(
+        demo, tmp_path, fault_report):
+    """The trainer SIGKILLed while its own SGLang server generates step 2's batch: the server (the shielded launcher,
+    its scheduler and detokenizer) and the trainer's other children end within seconds. Then a trainer attached by
+    URL to a server it did not start, SIGKILLed the same way: its children end, the server answers on."""
+    from .rollout.test_sglang import cpu_server
+
+    per_step = 8 * 8
+    slow = ["rollout.engine=sglang", f"rollout.sglang.python={SGLANG_PYTHON}", "rollout.sglang.concurrency=1",
+            "trainer.checkpoint_every=1"]
+    own_out = tmp_path / "own"
+    job, lines = _started([*_command(demo, own_out), *slow], run_env(PYTHONUNBUFFERED="1"))
+    try:
+        took, tree = _killed_mid_generation(job, lines, own_out / "logs" / "sglang_0.log", per_step)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", f"sglang_launch_shielded.py .*{own_out}"], check=False)
+    assert len(tree) >= 5, tree  # launcher, scheduler, detokenizer, reward worker, resource trackers, ...
+    print(f"\ntrainer SIGKILLed mid-generation: its {len(tree)} descendants (its SGLang server's among them) ended "
+          f"within {took:.2f} s")
+    fault_report("the trainer SIGKILLed mid-generation: its own SGLang server", 1, 1, "-",
+                 f"{len(tree)} descendants ended within {took:.2f} s")
+
+    attached = cpu_server(demo / "model", tmp_path / "attached.log")
+    attached.start()
+    try:
+        out = tmp_path / "attached_run"
+        job, lines = _started([*_command(demo, out), *slow, f"rollout.sglang.urls=[{attached.url}]"],
+                              run_env(PYTHONUNBUFFERED="1"))
+        try:
+            took, tree = _killed_mid_generation(job, lines, attached.log_path, per_step)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+        assert attached.alive() and attached.responsive(timeout=30), "the attached server did not outlive the run"
+    finally:
+        attached.stop()
+    fault_report("the trainer SIGKILLed mid-generation: a server attached by URL", 1, 1, "-",
+                 f"its {len(tree)} descendants ended within {took:.2f} s, the server answers on")
+
+
+@pytest.mark.multiprocess
+def test_a_rank_sigkilled_on_two_processes_leaves_nothing_behind(demo, tmp_path, fault_report):
+    """Two trainer processes under torchrun, asynchronous rollouts (rank 0's embedded engine in a process of its
+    own, generating the next batch beside training): rank 0 is SIGKILLed after step 2. Its children (engine
+    process, reward worker, Megatron's writer manager) end within seconds; rank 1 and torchrun follow (torchrun
+    stops the remaining worker), and nothing of the job runs afterwards."""
+    from .test_trainer import TORCHRUN
+    from .test_watchdog import _children, _rank_of
+
+    out = tmp_path / "run"
+    job, lines = _started([*TORCHRUN, *_command(demo, out), "trainer.max_staleness=1", "trainer.rank_timeout_s=10"],
+                          run_env(GLOO_SOCKET_IFNAME="lo"))
+    try:
+        _until(lambda: any(line.startswith(f"step 2/{STEPS}") for line in lines), 300, "step 2", lines, job)
+        everything = process_tree(job.pid)
+        rank0 = next(pid for pid in _children(job.pid) if _rank_of(pid) == 0)
+        tree = process_tree(rank0)
+        os.kill(rank0, signal.SIGKILL)
+        killed = time.monotonic()
+        took = time_to_end(tree, timeout=5)
+        job.wait(timeout=120)
+        job_ended = time.monotonic() - killed
+        time_to_end(everything, timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert len(tree) >= 4, tree  # engine process, reward worker, writer manager, resource tracker
+    fault_report("a rank SIGKILLed, 2-process torchrun run (async engine process on it)", 1, 1, "-",
+                 f"its {len(tree)} descendants ended within {took:.2f} s; the whole job in {job_ended:.0f} s")
