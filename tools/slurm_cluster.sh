@@ -79,10 +79,17 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
+alive() {  # alive PID: the process runs (a zombie, ended but not yet collected by its parent, does not)
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat:0:1} != Z ]]
+}
+
 running() {  # running DAEMON: its recorded pid is alive and is that daemon
     local pid
     pid=$(cat "$dir/$1.pid" 2>/dev/null) || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$1"* ]]
+    alive "$pid" && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$1"* ]]
 }
 
 node_state() {
@@ -149,8 +156,13 @@ stop() {
     done
     ((${#pids[@]})) || return 0
     kill "${pids[@]}"
+    local pid left
     for _ in $(seq 100); do
-        kill -0 "${pids[@]}" 2>/dev/null || return 0  # kill succeeds while any of them is alive
+        left=0
+        for pid in "${pids[@]}"; do
+            alive "$pid" && left=1
+        done
+        ((left)) || return 0
         sleep 0.1
     done
     echo "daemons still running after 10 s; killing them" >&2
