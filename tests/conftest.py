@@ -10,6 +10,7 @@ import ctypes
 import importlib.util
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -106,6 +107,9 @@ def pytest_sessionfinish(session, exitstatus):
     from .runs import alive, process_tree
 
     tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    checkpoint = sys.modules.get("megatron_sapo.policy.checkpoint")
+    if checkpoint is not None and checkpoint._write_results_manager is not None:
+        checkpoint._write_results_manager.shutdown()  # kept for later saves by design; armed, it ends with us
     deadline = time.monotonic() + 10
     while True:
         while True:  # collect the orphans that have ended (zombies whose parent is now this process)
