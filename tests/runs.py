@@ -24,12 +24,22 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
     return fields[0], int(fields[1]), int(fields[19])
 
 
-def process_tree(root: int) -> dict[int, int]:
-    """The descendants of process `root` now, as {pid: start time}."""
+def _children_by_parent() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (stat := _stat(int(entry))) is not None:
             children.setdefault(stat[1], []).append(int(entry))
+    return children
+
+
+def children(pid: int) -> list[int]:
+    """The pids of process `pid`'s children now."""
+    return _children_by_parent().get(pid, [])
+
+
+def process_tree(root: int) -> dict[int, int]:
+    """The descendants of process `root` now, as {pid: start time}."""
+    children = _children_by_parent()
     found, todo = {}, list(children.get(root, ()))
     while todo:
         pid = todo.pop()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from .runs import alive, process_tree, run_env, time_to_end
+from .runs import alive, children, process_tree, run_env, time_to_end
 from .test_trainer import CLI, REPO, SGLANG_PYTHON
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
@@ -220,6 +220,12 @@ def _server_pid(port: int) -> int:
 STEPS_SG = 8
 
 
+def _answered(log: Path) -> int:
+    """/generate requests a CPU SGLang server has answered (its access log), less its own warm-up request."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return text.count('"POST /generate HTTP/1.1" 200') - text.count("Uvicorn running on")
+
+
 def _until(condition, timeout: float, what: str, lines: list, job) -> float:
     began = time.monotonic()
     while not condition():
@@ -264,10 +270,6 @@ def test_sglang_killed_and_hung_during_distributed_weight_updates(demo, tmp_path
     reader.start()
     log = out / "logs" / "sglang_0.log"
 
-    def generated() -> int:  # the trainer's requests: each server start also answers one warm-up /generate
-        text = log.read_text(errors="replace") if log.is_file() else ""
-        return text.count('"POST /generate HTTP/1.1" 200') - text.count("Uvicorn running on")
-
     def stepped(step: int) -> bool:
         return any(line.startswith(f"step {step}/{STEPS_SG}") for line in list(lines))
 
@@ -279,7 +281,7 @@ def test_sglang_killed_and_hung_during_distributed_weight_updates(demo, tmp_path
         recover, faults, step, hit = [], ["killed", "hung"], 2, {}
         while faults:
             assert step < STEPS_SG, f"no injection landed in a weight update (missed up to step {step})"
-            _until(lambda: generated() >= step * per_step, 300, f"step {step}'s generation", lines, job)
+            _until(lambda: _answered(log) >= step * per_step, 300, f"step {step}'s generation", lines, job)
             pid = _server_pid(port)
             os.killpg(pid, signal.SIGSTOP)
             _until(lambda: _listen_backlog(port) > 0 or stepped(step), 120, f"step {step}'s weight update", lines,
@@ -393,12 +395,6 @@ def _started(command: list[str], env: dict) -> tuple[subprocess.Popen, list[str]
     return job, lines
 
 
-def _answered(log: Path) -> int:
-    """/generate requests a CPU SGLang server has answered (its access log), less its own warm-up request."""
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    return text.count('"POST /generate HTTP/1.1" 200') - text.count("Uvicorn running on")
-
-
 def _killed_mid_generation(job, lines: list, log: Path, per_step: int) -> tuple[float, dict]:
     """SIGKILL the trainer once the server at `log` has answered some but not all of step 2's requests (they go one
     at a time); (seconds until its descendants ended, the descendants it had)."""
@@ -461,7 +457,7 @@ def test_a_rank_sigkilled_on_two_processes_leaves_nothing_behind(demo, tmp_path,
     process, reward worker, Megatron's writer manager) end within seconds; rank 1 and torchrun follow (torchrun
     stops the remaining worker), and nothing of the job runs afterwards."""
     from .test_trainer import TORCHRUN
-    from .test_watchdog import _children, _rank_of
+    from .test_watchdog import _rank_of
 
     out = tmp_path / "run"
     job, lines = _started([*TORCHRUN, *_command(demo, out), "trainer.max_staleness=1", "trainer.rank_timeout_s=10"],
@@ -469,7 +465,7 @@ def test_a_rank_sigkilled_on_two_processes_leaves_nothing_behind(demo, tmp_path,
     try:
         _until(lambda: any(line.startswith(f"step 2/{STEPS}") for line in lines), 300, "step 2", lines, job)
         everything = process_tree(job.pid)
-        rank0 = next(pid for pid in _children(job.pid) if _rank_of(pid) == 0)
+        rank0 = next(pid for pid in children(job.pid) if _rank_of(pid) == 0)
         tree = process_tree(rank0)
         os.kill(rank0, signal.SIGKILL)
         killed = time.monotonic()

@@ -17,7 +17,7 @@ import pytest
 from megatron_sapo.policy.parallel import free_port
 from megatron_sapo.watchdog import EXIT_CODE
 
-from .runs import run_env
+from .runs import children, run_env
 from .test_trainer import CLI, REPO, TORCHRUN
 
 TIMEOUT = 3.0  # the unit tests' watchdog timeout; its interval is TIMEOUT / 4
@@ -111,18 +111,6 @@ def test_ranks_that_finish_at_different_times_are_not_reported():
             rank.communicate()
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) if entry.name.isdigit() else 0
-        except OSError:  # a process that has just ended
-            continue
-        if ppid == pid:
-            children.append(int(entry.name))
-    return children
-
-
 def _rank_of(pid: int) -> int | None:
     try:
         environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
@@ -161,7 +149,7 @@ def test_a_stopped_trainer_rank_ends_the_torchrun_job(demo, tmp_path, fault_repo
     workers = {}
     try:
         assert stepped.wait(timeout=300), "".join(lines[-50:])
-        workers = {_rank_of(pid): pid for pid in _children(job.pid)}
+        workers = {_rank_of(pid): pid for pid in children(job.pid)}
         os.kill(workers[1], signal.SIGSTOP)
         stopped = time.monotonic()
         code = job.wait(timeout=90)
