@@ -18,9 +18,6 @@ from megatron_sapo import lifeline
 class SlowEngine:
     """An engine whose generation never ends (the engine process busy mid-call, reading no pipe)."""
 
-    def __init__(self):
-        pass
-
     def generate(self, *args):
         time.sleep(3600)
 
