@@ -51,9 +51,9 @@ _forking_parent: int | None = None
 
 
 def arm(parent: int, *, group: bool = False, name: str = "") -> None:
-    """Make this process end (SIGKILL) when process `parent`, its parent, ends; `group`: its whole process group too (only when
-    this process leads the group, so that a child never kills its parent's group). Returns at once; a parent already
-    gone ends this process before arm returns."""
+    """Make this process end (SIGKILL) when process `parent`, its parent, ends; `group`: its whole process group too
+    (only when this process leads the group, so that a child never kills its parent's group). Returns at once; a
+    parent already gone ends this process before arm returns."""
     what = name or f"process {os.getpid()}"
 
     def die(why: str) -> None:
