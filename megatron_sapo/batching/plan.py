@@ -31,12 +31,18 @@ from .partition import balanced_partition
 
 @dataclass(frozen=True)
 class MicroBatch:
-    rows: tuple[int, ...]  # indices into the rank's rows; empty: one padding row (a rank with nothing left to run)
+    rows: tuple[int, ...]  # indices into the rank's rows; empty: padding rows only (a rank with nothing left to run)
     length: int  # positions computed per row: its longest row's tokens (>= 2)
+    size: int = 0  # rows computed: len(rows), or more where padding rows give it a shape shared with other ranks
+
+    @property
+    def width(self) -> int:
+        """Rows computed: its own, or `size` when that is larger (padding rows), at least one."""
+        return max(1, len(self.rows), self.size)
 
     @property
     def computed(self) -> int:
-        return max(1, len(self.rows)) * self.length
+        return self.width * self.length
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class MicroBatchPlan:
         if size < 1 or num_rows % size:
             raise ValueError(f"batch size {num_rows} is not a multiple of micro_batch_size {size}")
         return cls(tuple(range(num_rows)),
-                   tuple(MicroBatch(tuple(range(i, i + size)), seq_len) for i in range(0, num_rows, size)))
+                   tuple(MicroBatch(tuple(range(i, i + size)), seq_len, size) for i in range(0, num_rows, size)))
 
     def __len__(self) -> int:
         return len(self.micro_batches)
@@ -107,23 +113,96 @@ def _split_to(micro_batches: list[MicroBatch], count: int, lengths: list[int]) -
     return out
 
 
+def _lockstep(parts: list[list[int]], lengths: list[int], max_tokens: int, multiple: int) -> list[list[MicroBatch]]:
+    """Every rank's micro-batch i in one shape: rows in decreasing length on each rank; micro-batch i is as long as
+    the longest row left on any rank, and takes as many rows on every rank as that length allows within the budget
+    (padding rows where a rank has fewer). Its shape stays within the budget, as every rank's own rows do."""
+    queues = [sorted(part, key=lambda r: (-lengths[r], r)) for part in parts]
+    out: list[list[MicroBatch]] = [[] for _ in parts]
+    while any(queues):
+        length = max(lengths[q[0]] for q in queues if q)
+        count = max(1, max_tokens // _round_up(length, multiple))
+        taken = [q[:count] for q in queues]
+        size = max(len(t) for t in taken)
+        for k, rows in enumerate(taken):
+            out[k].append(MicroBatch(tuple(rows), length, size))
+            queues[k] = queues[k][count:]
+    return out
+
+
 def plan_micro_batches(lengths: list[int], *, dp: int, max_tokens: int, multiple: int = 1,
-                       quadratic: float = 0.0) -> tuple[list[MicroBatchPlan], list[int]]:
+                       quadratic: float = 0.0, aligned: bool = False) -> tuple[list[MicroBatchPlan], list[int]]:
     """Each data-parallel rank's plan for a mini-batch whose rows need `lengths` tokens (row_lengths), and the rows
     longer than the budget (each in a micro-batch of its own). `multiple`: lengths are computed rounded up to it
-    (the tensor-parallel size under sequence parallelism)."""
+    (the tensor-parallel size under sequence parallelism). `aligned`: micro-batch i has one shape [size, length] on
+    every rank (for collectives that need the same token count on every rank of a micro-batch, such as Megatron's
+    allgather MoE dispatcher under expert parallelism): filled in lockstep, at some cost in padding."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     live = [r for r, n in enumerate(lengths) if n > 0]
-    parts = balanced_partition([row_cost(lengths[r], quadratic) for r in live], dp)
-    per_rank = [_fill([live[i] for i in part], lengths, max_tokens, multiple) for part in parts]
+    parts = [[live[i] for i in part] for part in
+             balanced_partition([row_cost(lengths[r], quadratic) for r in live], dp)]
+    if aligned:
+        per_rank = _lockstep(parts, lengths, max_tokens, multiple)
+    else:
+        per_rank = [_fill(part, lengths, max_tokens, multiple) for part in parts]
     count = max(1, max(len(mbs) for mbs in per_rank))
     plans = []
     for mbs in per_rank:
         mbs = _split_to(mbs, count, lengths)
         rows = tuple(r for mb in mbs for r in mb.rows)
         local = {r: i for i, r in enumerate(rows)}
-        plans.append(MicroBatchPlan(rows, tuple(MicroBatch(tuple(local[r] for r in mb.rows), mb.length)
+        plans.append(MicroBatchPlan(rows, tuple(MicroBatch(tuple(local[r] for r in mb.rows), mb.length, mb.size)
                                                 for mb in mbs)))
     too_long = sorted(r for r in live if _round_up(lengths[r], multiple) > max_tokens)
     return plans, too_long
+
+
+def plan_summary(plans: list[MicroBatchPlan], lengths: list[int], multiple: int = 1) -> dict[str, float]:
+    """One mini-batch's plans over every rank, in numbers: real tokens (the rows' lengths), computed positions
+    (micro-batches' rows x their length rounded up to `multiple`, padding rows included), micro-batches per rank,
+    and the largest rank's computed positions over the mean."""
+    per_rank = [sum(mb.width * _round_up(mb.length, multiple) for mb in plan.micro_batches) for plan in plans]
+    mean = sum(per_rank) / len(per_rank)
+    return {"real": float(sum(lengths)), "computed": float(sum(per_rank)),
+            "micro_batches": float(len(plans[0].micro_batches)), "imbalance": max(per_rank) / mean if mean else 1.0}
+
+
+def take(tensor: torch.Tensor, micro_batch: MicroBatch, length: int, fill) -> torch.Tensor:
+    """A micro-batch's rows of a per-row tensor ([rows] or [rows, positions, ...]): the positions cut to `length`
+    (micro_batch.length for token ids, one less for the predicted positions), padding rows of `fill` appended up
+    to its width. Consecutive rows are a view (the fixed plan's micro-batches cost no copy)."""
+    rows = micro_batch.rows
+    if rows and list(rows) == list(range(rows[0], rows[0] + len(rows))):
+        part = tensor[rows[0]:rows[0] + len(rows)]
+    else:
+        part = tensor[torch.tensor(rows, dtype=torch.long, device=tensor.device)]
+    if part.dim() > 1:
+        part = part[:, :length]
+    extra = micro_batch.width - len(rows)
+    if extra:
+        part = torch.cat([part, part.new_full((extra, *part.shape[1:]), fill)])
+    return part
+
+
+def put(tensor: torch.Tensor, micro_batch: MicroBatch, values: torch.Tensor) -> None:
+    """take's inverse for a micro-batch's own rows: values [width, n, ...] written into their rows' first n
+    positions (its padding rows dropped)."""
+    rows = micro_batch.rows
+    if not rows:
+        return
+    n = values.shape[1]
+    if list(rows) == list(range(rows[0], rows[0] + len(rows))):
+        tensor[rows[0]:rows[0] + len(rows), :n] = values[:len(rows)]
+    else:
+        tensor[torch.tensor(rows, dtype=torch.long, device=tensor.device), :n] = values[:len(rows)]
+
+
+def attention_quadratic(*, layers: int, heads: int, head_dim: int, params_per_token: float) -> float:
+    """The `quadratic` of row_cost for a transformer: a row of L tokens costs about 2 x params_per_token x L FLOPs
+    in its matmuls (params_per_token: the weights each token meets, active experts only) and, causal, about
+    2 x layers x heads x head_dim x L^2 in attention's scores and weighted sums (QK^T and AV over L/2 keys on
+    average, 2 FLOPs per multiply-add); their ratio, per token, is this factor."""
+    if params_per_token <= 0:
+        raise ValueError(f"params_per_token must be > 0, got {params_per_token}")
+    return layers * heads * head_dim / params_per_token

@@ -30,6 +30,10 @@ class PolicyConfig:
     seed: int = 1234
     # optimisation (Adam through Megatron's optimizer; the scheduler warms up linearly, then decays)
     micro_batch_size: int = 1
+    # micro-batches sized by tokens (megatron_sapo/batching): > 0 puts each update's rows into micro-batches of at
+    # most this many computed positions (rows x their own longest row), balances the rows' work over data-parallel
+    # ranks and leaves micro_batch_size unused; 0 keeps micro_batch_size rows at the mini-batch's longest row
+    max_tokens_per_micro_batch: int = 0
     lr: float = 1e-6
     min_lr: float = 0.0
     lr_warmup_steps: int = 0
@@ -69,6 +73,9 @@ class PolicyConfig:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.lr_warmup_steps < 0 or (self.lr_decay_steps is not None and self.lr_decay_steps <= 0):
             raise ValueError("lr_warmup_steps must be >= 0 and lr_decay_steps > 0 (or None)")
+        budget = self.max_tokens_per_micro_batch
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"max_tokens_per_micro_batch must be an integer >= 0 (0: off), got {budget!r}")
         if self.moe_aux_loss_coeff is not None and not self.moe_aux_loss_coeff >= 0:
             raise ValueError(f"moe_aux_loss_coeff must be >= 0 or None, got {self.moe_aux_loss_coeff!r}")
 

@@ -47,6 +47,16 @@ class HFArchitecture:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def active_params_per_token(self) -> int:
+        """The weights one token meets in the matmuls (projections, the experts it is routed to and the dense MLPs,
+        the output layer; no embeddings, norms or router): the per-token FLOPs are about twice this."""
+        attention = self.hidden_size * self.head_dim * 2 * (self.num_heads + self.num_kv_heads)
+        moe = set(i for i, m in enumerate(self.moe_layers) if m)
+        mlp = sum(3 * self.hidden_size * (self.moe_ffn_hidden_size * self.moe_topk if i in moe else self.ffn_hidden_size)
+                  for i in range(self.num_layers))
+        return self.num_layers * attention + mlp + self.hidden_size * self.vocab_size
+
 
 def _rope_theta(cfg: dict) -> float:
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}

@@ -11,11 +11,13 @@ batch's loss, exactly as losses.policy_loss defines it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from ..batching import MicroBatch, MicroBatchPlan, put, take
 from ..losses import LossConfig, metric_reduction, reduce_metrics
 from ..ops import fused_linear_logprobs, fused_linear_policy_loss
 from . import cpu_compat, parallel
@@ -39,6 +41,9 @@ class PolicyBatch:
     # themselves (replayed under r2, compared for routing/replay_agree), and the engine's (replayed under r3)
     old_routes: Routes | None = None
     engine_routes: Routes | None = None
+    # the micro-batches over these rows (megatron_sapo/batching): None is micro_batch_size consecutive rows at a
+    # time, each at the full width S; a token-budget plan computes each micro-batch at its own longest row
+    micro_batches: tuple[MicroBatch, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2 or self.input_ids.shape[1] < 2:
@@ -108,6 +113,11 @@ class Policy:
         # data parallel (and syncs tied embeddings across pipeline stages) after the last micro-batch
         model.config.finalize_model_grads_func = finalize_model_grads
         model.config.no_sync_func = self.model.no_sync
+        if cfg.max_tokens_per_micro_batch and not (self.first_stage and self.last_stage):
+            # micro-batches of different shapes: pipeline stages exchange each one's shape before its activations.
+            # Set after the config's checks, which refuse it with the allgather MoE dispatcher: that dispatcher needs
+            # equal shapes across the ranks it gathers from, which aligned plans give (aligned_micro_batches)
+            model.config.variable_seq_lengths = True
         dtype = model.config.params_dtype
         with cpu_compat.cuda_as_cpu():  # FP32Optimizer makes its scale tensor on "cuda"
             self.optimizer = get_megatron_optimizer(
@@ -208,21 +218,59 @@ class Policy:
         tp = ps.get_tensor_model_parallel_world_size()
         return -(-input_ids.shape[1] // tp) * tp
 
-    def _run(self, forward_step, micro_batches: int, seq_len: int, forward_only: bool):
+    def _run(self, forward_step, plan: tuple[MicroBatch, ...], forward_only: bool):
+        from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        with cpu_compat.cuda_as_cpu():
+        tp = ps.get_tensor_model_parallel_world_size()
+        shapes = {(mb.width, -(-mb.length // tp) * tp) for mb in plan}
+        if len(shapes) > 1 and ps.get_pipeline_model_parallel_world_size() > 1 \
+                and not self.module.config.variable_seq_lengths:
+            raise ValueError(f"micro-batches of {len(shapes)} shapes under pipeline parallelism need Megatron's "
+                             "variable_seq_lengths (set by policy.max_tokens_per_micro_batch > 0)")
+        with cpu_compat.cuda_as_cpu():  # (the shape is only read without variable_seq_lengths: then it is one)
             return get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(range(micro_batches)), model=[self.model],
-                num_microbatches=micro_batches, seq_length=seq_len, micro_batch_size=self.cfg.micro_batch_size,
-                forward_only=forward_only,
+                forward_step_func=forward_step, data_iterator=iter(range(len(plan))), model=[self.model],
+                num_microbatches=len(plan), seq_length=max(s for _, s in shapes),
+                micro_batch_size=max(w for w, _ in shapes), forward_only=forward_only,
             )
 
-    def _micro_batches(self, batch_size: int) -> int:
-        if batch_size % self.cfg.micro_batch_size:
-            raise ValueError(f"batch size {batch_size} is not a multiple of micro_batch_size "
-                             f"{self.cfg.micro_batch_size}")
-        return batch_size // self.cfg.micro_batch_size
+    def _plan(self, input_ids: torch.Tensor, micro_batches) -> tuple[MicroBatch, ...]:
+        """The micro-batches over input_ids' rows: the given plan, checked against the batch, or the fixed one."""
+        rows, seq_len = input_ids.shape
+        if micro_batches is None:
+            return MicroBatchPlan.fixed(rows, self.cfg.micro_batch_size, seq_len).micro_batches
+        if not micro_batches:
+            raise ValueError("a micro-batch plan needs at least one micro-batch (an empty one for a rank without rows)")
+        seen = [r for mb in micro_batches for r in mb.rows]
+        bad = [mb for mb in micro_batches if not 2 <= mb.length <= seq_len or any(not 0 <= r < rows for r in mb.rows)]
+        if bad or len(seen) != len(set(seen)):
+            raise ValueError(f"the micro-batch plan does not fit a batch of {rows} rows x {seq_len} tokens "
+                             f"(rows out of range, a length outside 2..{seq_len}, or a row in two micro-batches): "
+                             f"{(bad or micro_batches)[0]}")
+        return tuple(micro_batches)
+
+    def plan_layout(self) -> dict:
+        """What batching.plan_micro_batches needs to know of this policy: lengths are computed rounded up to the
+        tensor-parallel size (every micro-batch is padded to it), attention's quadratic cost from the model's shape,
+        and whether micro-batches must have one shape on every data-parallel rank."""
+        from megatron.core import parallel_state as ps
+
+        from ..batching import attention_quadratic
+
+        arch = self.arch
+        return dict(multiple=ps.get_tensor_model_parallel_world_size(), aligned=self.aligned_micro_batches(),
+                    quadratic=attention_quadratic(layers=arch.num_layers, heads=arch.num_heads, head_dim=arch.head_dim,
+                                                  params_per_token=arch.active_params_per_token))
+
+    def aligned_micro_batches(self) -> bool:
+        """Whether micro-batch i needs one shape on every data-parallel rank (plan_micro_batches(aligned=True)):
+        Megatron's allgather MoE dispatcher all-gathers the tokens of its expert-tensor x expert-parallel group in
+        equal shapes, and that group spans data-parallel ranks under expert parallelism, or with an expert-tensor
+        size other than the tensor-parallel one. (The alltoall dispatcher exchanges token counts first.)"""
+        c = self.module.config
+        return self.arch.is_moe and c.moe_token_dispatcher_type == "allgather" and \
+            (c.expert_model_parallel_size > 1 or c.expert_tensor_parallel_size != c.tensor_model_parallel_size)
 
     def _broadcast_from_last_stage(self, obj):
         from megatron.core import parallel_state as ps
@@ -242,22 +290,22 @@ class Policy:
         return self.old_log_probs(input_ids, temperature)[0]
 
     @torch.no_grad()
-    def old_log_probs(self, input_ids: torch.Tensor, temperature: float = 1.0, *,
-                      replay: Routes | None = None) -> tuple[torch.Tensor, Routes | None]:
+    def old_log_probs(self, input_ids: torch.Tensor, temperature: float = 1.0, *, replay: Routes | None = None,
+                      micro_batches: tuple[MicroBatch, ...] | None = None) -> tuple[torch.Tensor, Routes | None]:
         """log_probs, and (MoE) what this rank's routers picked by themselves in each micro-batch: a train_step on
-        the same rows replays them under r2 and measures routing drift against them. `replay` (Routes, e.g. the
-        engine's under r3) makes the routers take those experts instead."""
+        the same rows and micro-batches replays them under r2 and measures routing drift against them. `replay`
+        (Routes, e.g. the engine's under r3) makes the routers take those experts instead. `micro_batches`: as in
+        PolicyBatch; positions past a micro-batch's length are left 0."""
         from megatron.core import parallel_state as ps
 
-        mbs = self.cfg.micro_batch_size
         input_ids = input_ids.to(self.device)
         out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, device=self.device)
-        micro_batches = self._micro_batches(input_ids.shape[0])
-        self._check_routes(replay, micro_batches, "replay")
+        plan = self._plan(input_ids, micro_batches)
+        self._check_routes(replay, len(plan), "replay")
 
         def forward_step(iterator, model):
             i = next(iterator)
-            ids = input_ids[i * mbs:(i + 1) * mbs]
+            ids = take(input_ids, plan[i], plan[i].length, 0)
             if self.routes is not None:
                 self.routes.begin(i, None if replay is None else fill_unknown(replay[i]))
             with cpu_compat.model_code():
@@ -266,18 +314,18 @@ class Policy:
             @cpu_compat.model_code()
             def collect(h):
                 if not bool(torch.isfinite(h).all()):  # NaN log-probs; a train step on them is then skipped
-                    out[i * mbs:(i + 1) * mbs] = float("nan")
+                    put(out, plan[i], torch.full_like(ids[:, 1:], float("nan"), dtype=out.dtype))
                     return h.sum() * 0, {}
                 weight, start = self._output_weight()
-                out[i * mbs:(i + 1) * mbs] = fused_linear_logprobs(
+                put(out, plan[i], fused_linear_logprobs(
                     h[:, :-1].contiguous(), weight, ids[:, 1:], temperature=temperature,
-                    process_group=ps.get_tensor_model_parallel_group(), vocab_start=start)
+                    process_group=ps.get_tensor_model_parallel_group(), vocab_start=start))
                 return h.sum() * 0, {}
             return hidden, collect
 
         self.model.eval()
         try:
-            self._run(forward_step, micro_batches, self._padded_len(input_ids), forward_only=True)
+            self._run(forward_step, plan, forward_only=True)
         finally:
             routes = self.routes.finish() if self.routes is not None else None
         self.model.train()
@@ -296,27 +344,30 @@ class Policy:
                              f"{len(routes[0]) if routes else 0} MoE layers; this batch has {micro_batches} x "
                              f"{len(self.routes.routers)} on this rank")
 
-    def engine_routes(self, row_routes: torch.Tensor, input_ids: torch.Tensor) -> Routes:
+    def engine_routes(self, row_routes: torch.Tensor, input_ids: torch.Tensor,
+                      micro_batches: tuple[MicroBatch, ...] | None = None) -> Routes:
         """An engine's routes per row, [B, S, num_layers, k] aligned with input_ids (UNKNOWN where the engine has
-        none), as this rank's Routes for a batch of these rows; ValueError if they do not fit the batch or model."""
+        none), as this rank's Routes for a batch of these rows in these micro-batches (as in PolicyBatch);
+        ValueError if they do not fit the batch or model."""
         from megatron.core import parallel_state as ps
 
-        from .routing import check_routes, native_routes
+        from .routing import UNKNOWN, check_routes, native_routes
 
         if self.routes is None:
             raise ValueError(f"the engine returned MoE routes, but {self.cfg.model_path} has no MoE layers")
         check_routes(row_routes, rows=input_ids.shape[0], seq_len=input_ids.shape[1], num_layers=self.arch.num_layers,
                      topk=self.arch.moe_topk, num_experts=self.arch.num_experts)
-        return native_routes(row_routes, self.cfg.micro_batch_size, self._padded_len(input_ids), self.routes.layers,
-                             tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+        chunks = [take(row_routes, mb, mb.length, UNKNOWN) for mb in self._plan(input_ids, micro_batches)]
+        return native_routes(chunks, self.routes.layers, tp=ps.get_tensor_model_parallel_world_size(),
+                             tp_rank=ps.get_tensor_model_parallel_rank(),
                              sequence_parallel=self.module.config.sequence_parallel)
 
-    def token_mask(self, padding: torch.Tensor, micro_batch: int) -> torch.Tensor:
-        """[tokens] bool in the routers' order: True where the token of micro-batch `micro_batch` is trained."""
+    def token_mask(self, padding: torch.Tensor, micro_batch: MicroBatch) -> torch.Tensor:
+        """[tokens] bool in the routers' order: True where a token of `micro_batch` (rows of `padding` [B, S]) is
+        trained."""
         from megatron.core import parallel_state as ps
 
-        mbs = self.cfg.micro_batch_size
-        rows = ~padding[micro_batch * mbs:(micro_batch + 1) * mbs]
+        rows = ~take(padding, micro_batch, micro_batch.length, True)
         return token_order(rows, self._padded_len(rows), ps.get_tensor_model_parallel_world_size(),
                            ps.get_tensor_model_parallel_rank(), self.module.config.sequence_parallel, False)
 
@@ -338,33 +389,38 @@ class Policy:
                 replay=batch.engine_routes if self.cfg.routing_replay == "r3" else None)
         mask = batch.response_mask.bool()
         padding = self.sequence_padding(mask)
-        micro_batches = self._micro_batches(batch.input_ids.shape[0])
+        plan = self._plan(batch.input_ids, batch.micro_batches)
+        self._check_plan_covers(plan, mask)
+        micro_batches = len(plan)
         replay = self._replay_source(old_routes, batch.engine_routes, micro_batches)
         totals = self._global_totals(mask)
+        if loss_config.loss_agg_mode == "seq-mean-token-sum-norm" and loss_config.loss_norm_length is None:
+            # Dr.GRPO's constant L defaults to the padded length: the batch's, whatever width a micro-batch runs at
+            loss_config = dataclasses.replace(loss_config, loss_norm_length=mask.shape[1])
         dp = ps.get_data_parallel_world_size()
-        mbs = self.cfg.micro_batch_size
         collected: list[dict[str, float]] = []
 
         def forward_step(iterator, model):
             i = next(iterator)
-            rows = slice(i * mbs, (i + 1) * mbs)
-            ids = batch.input_ids[rows]
+            mb, tokens = plan[i], plan[i].length
+            ids = take(batch.input_ids, mb, tokens, 0)
             if self.routes is not None:
                 self.routes.begin(i, None if replay is None else fill_unknown(replay[i]))
             with cpu_compat.model_code():
-                hidden = self._hidden(model, ids, padding[rows])
+                hidden = self._hidden(model, ids, take(padding, mb, tokens, True))
 
             @cpu_compat.model_code()
             def loss_func(h):
-                if not mask[rows].any():  # nothing to learn from here; the step's normalisers already exclude it
+                m, o = take(mask, mb, tokens - 1, False), take(old, mb, tokens - 1, 0.0)
+                if not m.any():  # nothing to learn from here; the step's normalisers already exclude it
                     return h.sum() * 0.0, {}
-                if not bool(torch.isfinite(h).all() & torch.isfinite(old[rows][mask[rows]]).all()):
+                if not bool(torch.isfinite(h).all() & torch.isfinite(o[m]).all()):
                     collected.append({"loss": float("nan")})  # the whole step is skipped below, on every rank
                     return h.sum() * 0.0, {}
                 weight, start = self._output_weight()
-                rollout = None if batch.rollout_log_probs is None else batch.rollout_log_probs[rows]
+                rollout = None if batch.rollout_log_probs is None else take(batch.rollout_log_probs, mb, tokens - 1, 0.0)
                 loss, metrics = fused_linear_policy_loss(
-                    h[:, :-1].contiguous(), weight, ids[:, 1:], old[rows], batch.advantages[rows], mask[rows],
+                    h[:, :-1].contiguous(), weight, ids[:, 1:], o, take(batch.advantages, mb, tokens - 1, 0.0), m,
                     config=loss_config, temperature=temperature, rollout_log_probs=rollout,
                     process_group=ps.get_tensor_model_parallel_group(), vocab_start=start,
                     reduce_hidden_grad=False, **totals)  # the passthrough's backward reduces it
@@ -383,7 +439,7 @@ class Policy:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         try:
-            self._run(forward_step, micro_batches, self._padded_len(batch.input_ids), forward_only=False)
+            self._run(forward_step, plan, forward_only=False)
         finally:
             trained_routes = self.routes.finish() if self.routes is not None else None
         metrics = None
@@ -405,11 +461,24 @@ class Policy:
                 self.step += 1
         metrics.update(grad_norm=float("nan") if grad_norm is None else float(grad_norm), skipped=float(skipped),
                        lr=self.optimizer.param_groups[0]["lr"])
-        routed = sum(1 for i in range(micro_batches) if not bool(padding[i * mbs:(i + 1) * mbs].all()))
+        routed = sum(1 for mb in plan if not bool(take(padding, mb, mb.length, True).all()))
         metrics.update(self._routing_metrics(routed))
         if self.routes is not None:
-            metrics.update(self._route_agreement(trained_routes, old_routes, batch.engine_routes, padding))
+            metrics.update(self._route_agreement(trained_routes, old_routes, batch.engine_routes, padding, plan))
         return metrics
+
+    @staticmethod
+    def _check_plan_covers(plan: tuple[MicroBatch, ...], mask: torch.Tensor) -> None:
+        """Every response token lies in the plan: its row in a micro-batch, its position within that one's length."""
+        reach = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+        for mb in plan:
+            if mb.rows:
+                reach[list(mb.rows)] = mb.length - 1
+        beyond = mask & (torch.arange(mask.shape[1], device=mask.device)[None] >= reach[:, None])
+        if beyond.any():
+            row = int(beyond.any(dim=1).nonzero()[0])
+            raise ValueError(f"the micro-batch plan leaves out response tokens of row {row} (not in any micro-batch, "
+                             "or past its micro-batch's length)")
 
     def _replay_source(self, old_routes: Routes | None, engine_routes: Routes | None, micro_batches: int):
         """The routes a training forward replays under policy.routing_replay, checked against the batch."""
@@ -424,12 +493,12 @@ class Policy:
         self._check_routes(routes, micro_batches, mode)
         return routes
 
-    def _route_agreement(self, trained: Routes, old: Routes | None, engine: Routes | None,
-                         padding: torch.Tensor) -> dict[str, float]:
+    def _route_agreement(self, trained: Routes, old: Routes | None, engine: Routes | None, padding: torch.Tensor,
+                         plan: tuple[MicroBatch, ...]) -> dict[str, float]:
         """routing/replay_agree (the training forward's own picks vs the old-log-prob forward's) and
         routing/engine_agree (the old-log-prob forward's own picks vs the engine's), each with its worst layer;
         collective over all ranks (policy/routing.py)."""
-        valid = [self.token_mask(padding, i) for i in range(len(trained))]
+        valid = [self.token_mask(padding, mb) for mb in plan]
         out = {}
         for name, mine, reference in (("replay", trained, old), ("engine", old, engine)):
             flag = torch.tensor([float(reference is not None)], device=self.device)

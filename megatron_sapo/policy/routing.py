@@ -154,14 +154,15 @@ def token_order(rows: torch.Tensor, padded_len: int, tp: int, tp_rank: int, sequ
     return rows.transpose(0, 1).reshape(-1, *rows.shape[2:])
 
 
-def native_routes(row_routes: torch.Tensor, micro_batch_size: int, padded_len: int, layers: list[int], *, tp: int,
-                  tp_rank: int, sequence_parallel: bool) -> Routes:
-    """An engine's per-row routes [B, S, num_layers, k] -> Routes for this rank: per micro-batch, per router (its
-    global layer in `layers`), [tokens, k] in the routers' token order. Unknown entries stay UNKNOWN."""
+def native_routes(micro_batches: list[torch.Tensor], layers: list[int], *, tp: int, tp_rank: int,
+                  sequence_parallel: bool) -> Routes:
+    """An engine's routes cut per micro-batch, each [b, s, num_layers, k] (policy: its rows at its length) ->
+    Routes for this rank: per micro-batch, per router (its global layer in `layers`), [tokens, k] in the routers'
+    token order (the sequence padded to a multiple of tp, as the policy pads it). Unknown entries stay UNKNOWN."""
     out = []
-    for start in range(0, row_routes.shape[0], micro_batch_size):
-        rows = row_routes[start:start + micro_batch_size][:, :, layers]  # [b, s, L_here, k]
-        ordered = token_order(rows, padded_len, tp, tp_rank, sequence_parallel, UNKNOWN)  # [tokens, L_here, k]
+    for chunk in micro_batches:
+        padded_len = -(-chunk.shape[1] // tp) * tp
+        ordered = token_order(chunk[:, :, layers], padded_len, tp, tp_rank, sequence_parallel, UNKNOWN)
         out.append([ordered[:, j].to(torch.int16) for j in range(len(layers))])
     return out
 

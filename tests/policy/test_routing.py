@@ -88,7 +88,7 @@ def test_engine_routes_reach_each_rank_in_its_token_order():
     b, s, layers, k = 2, 5, 3, 2
     rows = torch.arange(b * s * layers * k, dtype=torch.int16).view(b, s, layers, k)
     # TP=2 with sequence parallelism: the sequence is padded to 6, rank 1 routes positions 3..5 of both rows
-    routes = native_routes(rows, 2, 6, [0, 2], tp=2, tp_rank=1, sequence_parallel=True)
+    routes = native_routes([rows], [0, 2], tp=2, tp_rank=1, sequence_parallel=True)
     assert len(routes) == 1 and len(routes[0]) == 2
     expected = [rows[0, 3], rows[1, 3], rows[0, 4], rows[1, 4]]  # [s, b] order
     for j, layer in enumerate([0, 2]):

