@@ -149,3 +149,54 @@ def _worker(rank, model_dir):
 def test_budget_matches_padded_path_under_dp_tp_ep_pp(tmp_path):
     tiny_models().build("qwen3_moe", tmp_path, num_experts=8)
     spawn_local(_worker, 2, str(tmp_path))
+
+
+def test_learner_update_with_a_budget_takes_the_padded_step(tmp_path, caplog):
+    """Two mini-batch updates at lr 1e-3 with R2 replay, through the learner (planning, shards, old log-probs,
+    updates): the budgeted step's loss, gradient norm and updated weights equal the padded path's; the plan's
+    numbers are those of the batch (real tokens over computed positions, by hand for the padded path); a row longer
+    than the budget is said once, however many updates meet it. (adam_eps 1e-5: Adam's first steps are about
+    lr x sign(gradient), which would turn the float rounding of a gradient element near zero into a whole step.)"""
+    from megatron_sapo.config import load_config
+    from megatron_sapo.loop.learner import Learner
+    from megatron_sapo.policy import parallel
+    from megatron_sapo.policy.policy import Policy
+    from megatron_sapo.rollout.batch import RolloutBatch
+
+    tiny_models().build("qwen3_moe", tmp_path / "m", num_experts=8)
+    parallel.init_distributed()
+    ids, mask, adv, g = uneven_batch()
+    batch = RolloutBatch(ids, mask, -torch.rand(mask.shape, generator=g) * mask, adv)
+    got = {}
+    for budget in (0, 16):  # the longest row has 17 tokens
+        cfg = load_config(None, [f"policy.model_path={tmp_path / 'm'}", "policy.lr=1e-3", "policy.routing_replay=r2",
+                                 "policy.micro_batch_size=1", f"policy.max_tokens_per_micro_batch={budget}",
+                                 "policy.moe_aux_loss_coeff=0.0", "policy.adam_eps=1e-5", "trainer.mini_batches=2",
+                                 "loss.loss_type=sapo"])
+        policy = Policy(cfg.policy)
+        learner = Learner(policy, cfg)
+        metrics = learner.update(batch, 0)
+        learner.update(batch, 1)  # the long row again: no second warning
+        got[budget] = metrics, policy.hf_state_dict()
+    (padded, w_padded), (budgeted, w_budgeted) = got[0], got[16]
+    for key in ("train/loss", "train/grad_norm", "count/tokens", "ratio/mean"):
+        assert budgeted[key] == pytest.approx(padded[key], rel=1e-5), (key, padded[key], budgeted[key])
+    # R2: each update replays its own old forward's routes; the second's routers drift by themselves alike
+    assert padded["routing/replay_agree"] == budgeted["routing/replay_agree"] < 1.0, (padded, budgeted)
+    for name, w in w_padded.items():
+        err = (w_budgeted[name] - w).abs().max().item()
+        assert err <= 1e-5 * w.abs().max().item(), (name, err, w.abs().max().item())
+    moved = max((w_padded[n] - w).abs().max().item() for n, w in read_weights(tmp_path / "m").items())
+    assert moved > 1e-4  # the updates did change the weights
+    real = sum(p + r for p, r in ROWS if r)
+    assert padded["train/token_efficiency"] == pytest.approx(real / (len(ROWS) * SEQ))
+    assert budgeted["train/token_efficiency"] > 0.75 > 2 * padded["train/token_efficiency"] - 0.2
+    assert padded["train/micro_batches"] == len(ROWS) and budgeted["train/micro_batches"] < len(ROWS)
+    assert padded["train/dp_token_imbalance"] == budgeted["train/dp_token_imbalance"] == 1.0  # one rank
+    assert caplog.text.count("longer than policy.max_tokens_per_micro_batch=16") == 1
+
+
+def read_weights(model_dir):
+    from megatron_sapo.policy.hf_weights import read_safetensors
+
+    return read_safetensors(model_dir)
