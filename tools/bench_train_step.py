@@ -51,18 +51,23 @@ def row_lengths(kind: str, rows: int, max_len: int, seed: int = 0) -> list[int]:
 
 
 class ActivationMeter:
-    """Bytes of activations saved for backward per forward of `module` (parameters not counted), the largest seen:
-    a pre-forward hook closes one micro-batch's count and opens the next."""
+    """Bytes of activations that a forward of `module` saves for its backward (parameters not counted), the largest
+    forward's: counted between the module's pre-forward and forward hooks, so a recompute's re-forward inside the
+    backward (one layer's activations at a time, freed as it goes) is not counted."""
 
     def __init__(self, module):
-        self.current = self.largest = 0
-        module.register_forward_pre_hook(lambda *_: self._close())
+        self.current, self.largest, self.counting = 0, 0, False
+        module.register_forward_pre_hook(lambda *_: self._open())
+        module.register_forward_hook(lambda *_: self._close())
+
+    def _open(self):
+        self.current, self.counting = 0, True
 
     def _close(self):
-        self.largest, self.current = max(self.largest, self.current), 0
+        self.largest, self.counting = max(self.largest, self.current), False
 
     def _pack(self, t):
-        if not (t.is_leaf and t.requires_grad):
+        if self.counting and not (t.is_leaf and t.requires_grad):
             self.current += t.numel() * t.element_size()
         return t
 
@@ -70,7 +75,6 @@ class ActivationMeter:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def peak(self) -> int:
-        self._close()
         return self.largest
 
 

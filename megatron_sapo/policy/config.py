@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..losses.config import check_choice
 from .routing import REPLAY_MODES
@@ -10,6 +10,14 @@ from .routing import REPLAY_MODES
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 MOE_DISPATCHERS = ("allgather", "alltoall")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
+RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+# Megatron-Core's selective-recompute modules that a model built here can use: "moe_act" needs grouped-GEMM experts
+# (TransformerEngine's), "mla_up_proj" multi-latent attention, neither of which the policy builds
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe", "shared_experts")
+NEEDS = {"moe_act": "grouped-GEMM experts (moe_grouped_gemm, with TransformerEngine), which this policy does not "
+                    "build: recompute 'moe' (the whole MoE layer) instead",
+         "mla_up_proj": "multi-latent attention, which no converted architecture uses yet"}
 
 
 def _check_size(name: str, value) -> None:
@@ -34,6 +42,13 @@ class PolicyConfig:
     # most this many computed positions (rows x their own longest row), balances the rows' work over data-parallel
     # ranks and leaves micro_batch_size unused; 0 keeps micro_batch_size rows at the mini-batch's longest row
     max_tokens_per_micro_batch: int = 0
+    # activation recompute (Megatron-Core's): none; selective (recompute_modules, Megatron's default core_attn);
+    # full (whole layers: recompute_method uniform, chunks of recompute_num_layers layers, or block, the first
+    # recompute_num_layers layers of each pipeline stage). Trades about one more forward for activation memory.
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
     lr: float = 1e-6
     min_lr: float = 0.0
     lr_warmup_steps: int = 0
@@ -73,6 +88,16 @@ class PolicyConfig:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.lr_warmup_steps < 0 or (self.lr_decay_steps is not None and self.lr_decay_steps <= 0):
             raise ValueError("lr_warmup_steps must be >= 0 and lr_decay_steps > 0 (or None)")
+        check_choice("recompute", self.recompute, RECOMPUTE)
+        check_choice("recompute_method", self.recompute_method, RECOMPUTE_METHODS)
+        _check_size("recompute_num_layers", self.recompute_num_layers)
+        for module in self.recompute_modules:
+            if module in NEEDS:
+                raise ValueError(f"recompute_modules: {module!r} needs {NEEDS[module]}")
+            check_choice("recompute_modules", module, RECOMPUTE_MODULES)
+        if self.recompute == "selective" and not self.recompute_modules:
+            raise ValueError("recompute=selective needs at least one of recompute_modules "
+                             f"({', '.join(RECOMPUTE_MODULES)})")
         budget = self.max_tokens_per_micro_batch
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
             raise ValueError(f"max_tokens_per_micro_batch must be an integer >= 0 (0: off), got {budget!r}")

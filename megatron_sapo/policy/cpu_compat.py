@@ -18,6 +18,9 @@ Needed only without CUDA (none of these runs on a GPU machine, so nothing here c
      is a TorchFunctionMode that maps device "cuda" to "cpu" for the duration of such calls.
   6. Megatron's clip_grad_by_total_norm_fp32 asserts CUDA gradients: the optimizer gets a CPU version with the
      same arithmetic (scale every gradient by max_norm / (total_norm + 1e-6) when that is below 1).
+  7. Activation recompute (tensor_parallel.random's checkpoint) saves and restores the CUDA generator's state
+     around each recomputed forward: there is none, so an empty state is saved and nothing restored (Megatron
+     saves and restores the CPU generator's state itself).
 The callers also configure Megatron for the CPU: use_cpu_initialization, an explicit boolean causal mask (the
 default one is built on "cuda"), the allgather MoE dispatcher and batch_p2p_comm=False for gloo.
 """
@@ -99,6 +102,10 @@ def _adapt_to_missing_cuda() -> None:
     from megatron.core.optimizer import optimizer as megatron_optimizer
 
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 def _sequence_parallel_norm(original_new):

@@ -92,8 +92,25 @@ def transformer_config(arch: HFArchitecture, cfg: PolicyConfig):
         expert_tensor_parallel_size=cfg.expert_tensor_parallel,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=on_cpu, batch_p2p_comm=not on_cpu,
-        **moe,
+        **_recompute(cfg, arch), **moe,
     )
+
+
+def _recompute(cfg: PolicyConfig, arch: HFArchitecture) -> dict:
+    """policy.recompute as Megatron-Core's fields (its own checkpointing of layers or modules)."""
+    if cfg.recompute == "none":
+        return {}
+    if cfg.recompute == "selective":
+        if "layernorm" in cfg.recompute_modules and not cpu_compat.uses_transformer_engine():
+            # Megatron-Core 0.16.1 checkpoints the norms through TE's FP8 state (a NameError without it)
+            raise ValueError("policy.recompute_modules: 'layernorm' needs TransformerEngine (Megatron-Core "
+                             "recomputes the norms through it), which is not in use here")
+        return dict(recompute_granularity="selective", recompute_modules=list(cfg.recompute_modules))
+    if cfg.recompute_num_layers > arch.num_layers:
+        raise ValueError(f"policy.recompute_num_layers={cfg.recompute_num_layers} exceeds the model's "
+                         f"{arch.num_layers} layers")
+    return dict(recompute_granularity="full", recompute_method=cfg.recompute_method,
+                recompute_num_layers=cfg.recompute_num_layers)
 
 
 def layer_spec(arch: HFArchitecture, config):
