@@ -32,13 +32,20 @@ from .partition import balanced_partition
 @dataclass(frozen=True)
 class MicroBatch:
     rows: tuple[int, ...]  # indices into the rank's rows; empty: padding rows only (a rank with nothing left to run)
-    length: int  # positions computed per row: its longest row's tokens (>= 2)
+    length: int  # positions computed per row: its longest row's tokens (>= 2); packed: of the one packed row
     size: int = 0  # rows computed: len(rows), or more where padding rows give it a shape shared with other ranks
+    # packed (sequence packing): each row's tokens, in `rows` order, one after another in a single row of `length`
+    # positions (the rest, if any, padding); empty: not packed
+    segments: tuple[int, ...] = ()
+
+    @property
+    def packed(self) -> bool:
+        return bool(self.segments)
 
     @property
     def width(self) -> int:
-        """Rows computed: its own, or `size` when that is larger (padding rows), at least one."""
-        return max(1, len(self.rows), self.size)
+        """Rows computed: its own, or `size` when that is larger (padding rows), at least one; packed: one."""
+        return 1 if self.packed else max(1, len(self.rows), self.size)
 
     @property
     def computed(self) -> int:
@@ -97,6 +104,30 @@ def _fill(rows: list[int], lengths: list[int], max_tokens: int, multiple: int) -
     return [MicroBatch(tuple(mb), lengths[mb[0]]) for mb in out]
 
 
+def _micro_batch(rows, lengths: list[int], packed: bool) -> MicroBatch:
+    rows = tuple(rows)
+    if packed:
+        return MicroBatch(rows, sum(lengths[r] for r in rows), segments=tuple(lengths[r] for r in rows))
+    return MicroBatch(rows, max(lengths[r] for r in rows))
+
+
+def _pack(rows: list[int], lengths: list[int], max_tokens: int, multiple: int) -> list[MicroBatch]:
+    """Rows in decreasing length (ties: by index), each into the first packed micro-batch it fits in (first-fit
+    decreasing): micro-batches of at most max_tokens tokens, rounded up to `multiple`; a longer row alone."""
+    bins: list[list[int]] = []
+    totals: list[int] = []
+    for r in sorted(rows, key=lambda r: (-lengths[r], r)):
+        for i, total in enumerate(totals):
+            if _round_up(total + lengths[r], multiple) <= max_tokens:
+                bins[i].append(r)
+                totals[i] += lengths[r]
+                break
+        else:
+            bins.append([r])
+            totals.append(lengths[r])
+    return [_micro_batch(b, lengths, True) for b in bins]
+
+
 def _split_to(micro_batches: list[MicroBatch], count: int, lengths: list[int]) -> list[MicroBatch]:
     """Split the largest micro-batches (by computed positions; of two rows or more) in halves until there are
     `count`; then empty micro-batches."""
@@ -107,9 +138,9 @@ def _split_to(micro_batches: list[MicroBatch], count: int, lengths: list[int]) -
             out.append(MicroBatch((), 2))
             continue
         i = max(splittable, key=lambda j: (out[j].computed, -j))
-        rows = out.pop(i).rows
-        half = len(rows) // 2
-        out[i:i] = [MicroBatch(part, max(lengths[r] for r in part)) for part in (rows[:half], rows[half:])]
+        mb = out.pop(i)
+        half = len(mb.rows) // 2
+        out[i:i] = [_micro_batch(part, lengths, mb.packed) for part in (mb.rows[:half], mb.rows[half:])]
     return out
 
 
@@ -131,29 +162,40 @@ def _lockstep(parts: list[list[int]], lengths: list[int], max_tokens: int, multi
 
 
 def plan_micro_batches(lengths: list[int], *, dp: int, max_tokens: int, multiple: int = 1,
-                       quadratic: float = 0.0, aligned: bool = False) -> tuple[list[MicroBatchPlan], list[int]]:
+                       quadratic: float = 0.0, aligned: bool = False,
+                       packed: bool = False) -> tuple[list[MicroBatchPlan], list[int]]:
     """Each data-parallel rank's plan for a mini-batch whose rows need `lengths` tokens (row_lengths), and the rows
     longer than the budget (each in a micro-batch of its own). `multiple`: lengths are computed rounded up to it
     (the tensor-parallel size under sequence parallelism). `aligned`: micro-batch i has one shape [size, length] on
     every rank (for collectives that need the same token count on every rank of a micro-batch, such as Megatron's
-    allgather MoE dispatcher under expert parallelism): filled in lockstep, at some cost in padding."""
+    allgather MoE dispatcher under expert parallelism): filled in lockstep, at some cost in padding. `packed`:
+    each micro-batch is one row of its rows' tokens one after another (first-fit decreasing into the budget);
+    aligned, micro-batch i is padded to the longest of its index over the ranks (each rank's micro-batches in
+    decreasing size, so that those of one index are alike)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     live = [r for r, n in enumerate(lengths) if n > 0]
     parts = [[live[i] for i in part] for part in
              balanced_partition([row_cost(lengths[r], quadratic) for r in live], dp)]
-    if aligned:
+    if packed:
+        per_rank = [_pack(part, lengths, max_tokens, multiple) for part in parts]
+    elif aligned:
         per_rank = _lockstep(parts, lengths, max_tokens, multiple)
     else:
         per_rank = [_fill(part, lengths, max_tokens, multiple) for part in parts]
     count = max(1, max(len(mbs) for mbs in per_rank))
+    per_rank = [_split_to(mbs, count, lengths) for mbs in per_rank]
+    if packed and aligned:
+        per_rank = [sorted(mbs, key=lambda mb: -mb.length) for mbs in per_rank]
+        shared = [max(mbs[i].length for mbs in per_rank) for i in range(count)]
+        per_rank = [[MicroBatch(mb.rows, n, segments=mb.segments) if mb.packed else MicroBatch((), n)
+                     for mb, n in zip(mbs, shared)] for mbs in per_rank]
     plans = []
     for mbs in per_rank:
-        mbs = _split_to(mbs, count, lengths)
         rows = tuple(r for mb in mbs for r in mb.rows)
         local = {r: i for i, r in enumerate(rows)}
-        plans.append(MicroBatchPlan(rows, tuple(MicroBatch(tuple(local[r] for r in mb.rows), mb.length, mb.size)
-                                                for mb in mbs)))
+        plans.append(MicroBatchPlan(rows, tuple(MicroBatch(tuple(local[r] for r in mb.rows), mb.length, mb.size,
+                                                           mb.segments) for mb in mbs)))
     too_long = sorted(r for r in live if _round_up(lengths[r], multiple) > max_tokens)
     return plans, too_long
 

@@ -42,6 +42,10 @@ class PolicyConfig:
     # most this many computed positions (rows x their own longest row), balances the rows' work over data-parallel
     # ranks and leaves micro_batch_size unused; 0 keeps micro_batch_size rows at the mini-batch's longest row
     max_tokens_per_micro_batch: int = 0
+    # sequence packing (batching/packing.py, policy/packing.py): each micro-batch one row of its rows' tokens back to
+    # back (THD, attention within each row, positions restarting), up to max_tokens_per_micro_batch tokens: no
+    # padding between rows. Needs the budget
+    pack_sequences: bool = False
     # activation recompute (Megatron-Core's): none; selective (recompute_modules, Megatron's default core_attn);
     # full (whole layers: recompute_method uniform, chunks of recompute_num_layers layers, or block, the first
     # recompute_num_layers layers of each pipeline stage). Trades about one more forward for activation memory.
@@ -101,6 +105,10 @@ class PolicyConfig:
         budget = self.max_tokens_per_micro_batch
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
             raise ValueError(f"max_tokens_per_micro_batch must be an integer >= 0 (0: off), got {budget!r}")
+        if not isinstance(self.pack_sequences, bool):
+            raise ValueError(f"pack_sequences must be true or false, got {self.pack_sequences!r}")
+        if self.pack_sequences and not budget:
+            raise ValueError("pack_sequences needs max_tokens_per_micro_batch > 0 (a packed row's token budget)")
         if self.moe_aux_loss_coeff is not None and not self.moe_aux_loss_coeff >= 0:
             raise ValueError(f"moe_aux_loss_coeff must be >= 0 or None, got {self.moe_aux_loss_coeff!r}")
 

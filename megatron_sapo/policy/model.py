@@ -116,13 +116,19 @@ def _recompute(cfg: PolicyConfig, arch: HFArchitecture) -> dict:
 def layer_spec(arch: HFArchitecture, config):
     from megatron.core.models.gpt import gpt_layer_specs
 
+    from .packing import use_packed_attention
+
     use_te = cpu_compat.uses_transformer_engine()
     if arch.is_moe:  # per-layer specs: MoE and dense layers as moe_layer_freq says, sliced to this pipeline stage
-        return gpt_layer_specs.get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+        spec = gpt_layer_specs.get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                                           normalization="RMSNorm")
-    if use_te:
+    elif use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    if not use_te:  # the local attention, also for packed sequences (TE's takes them itself)
+        use_packed_attention(spec)
+    return spec
 
 
 def build_model(arch: HFArchitecture, cfg: PolicyConfig, *, pre_process: bool, post_process: bool):

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from ..batching import MicroBatch, MicroBatchPlan, put, take
+from ..batching.packing import loss_groups, pack, unpack_index, unpack_into
 from ..losses import LossConfig, metric_reduction, reduce_metrics
 from ..ops import fused_linear_logprobs, fused_linear_policy_loss
 from . import cpu_compat, parallel
@@ -163,23 +165,32 @@ class Policy:
             raise ValueError(f"tensor-parallel rank holds only padded vocab rows (vocab {self.arch.vocab_size})")
         return weight[:valid], start
 
-    def _hidden(self, model, input_ids, padding=None):
+    def _hidden(self, model, input_ids, padding=None, packed: MicroBatch | None = None):
         """Final-normed hidden states [b, s, h] (last stage) of input_ids; sequences are right-padded to a multiple
         of the tensor-parallel size for sequence parallelism, and the padding is cut off again. `padding` [b, s]
-        (True: not a token of the sequence) keeps padding out of the MoE routers' auxiliary losses."""
+        (True: not a token of the sequence) keeps padding out of the MoE routers' auxiliary losses. `packed`: the
+        packed micro-batch whose one row input_ids is (policy/packing.py)."""
         seq_len = input_ids.shape[1]
         pad = self._padded_len(input_ids) - seq_len
         if pad:
             input_ids = torch.nn.functional.pad(input_ids, (0, pad))
             padding = None if padding is None else torch.nn.functional.pad(padding, (0, pad), value=True)
-        out = self._forward(model, input_ids, padding)
+        out = self._forward(model, input_ids, padding, packed)
         return out[:, :seq_len] if self.last_stage and pad else out
 
-    def _forward(self, model, input_ids, padding=None):
+    def _forward(self, model, input_ids, padding=None, packed: MicroBatch | None = None):
         b, s = input_ids.shape
-        positions = torch.arange(s, device=input_ids.device)[None].expand(b, s)
+        if packed is not None:  # one row of several sequences: attention within each, positions restarting
+            from .packing import packed_positions, packed_seq_params
+
+            params = packed_seq_params(packed, s, input_ids.device)
+            positions, mask = packed_positions(params, s, input_ids.device), None
+            model = partial(model, packed_seq_params=params)
+        else:
+            positions = torch.arange(s, device=input_ids.device)[None].expand(b, s)
+            mask = causal_mask(s, input_ids.device)
         if padding is None or not self.arch.is_moe:
-            return model(input_ids, positions, causal_mask(s, input_ids.device))
+            return model(input_ids, positions, mask)
         # decided on the whole micro-batch, before any split: every rank of its tensor-parallel group, whose
         # collective the auxiliary loss uses, must decide alike
         only_padding = bool(padding.all())
@@ -192,15 +203,22 @@ class Policy:
             start = ps.get_tensor_model_parallel_rank() * chunk
             padding = padding[:, start:start + chunk]
         if not only_padding:
-            return model(input_ids, positions, causal_mask(s, input_ids.device), padding_mask=padding.contiguous())
+            return model(input_ids, positions, mask, padding_mask=padding.contiguous())
         # a micro-batch of padding rows only: Megatron's auxiliary loss would divide by its zero tokens (NaN, and
         # the step skipped); such a micro-batch has no load to balance, so it runs without one
         config = self.module.config
         coeff, config.moe_aux_loss_coeff = config.moe_aux_loss_coeff, 0.0
         try:
-            return model(input_ids, positions, causal_mask(s, input_ids.device), padding_mask=padding.contiguous())
+            return model(input_ids, positions, mask, padding_mask=padding.contiguous())
         finally:
             config.moe_aux_loss_coeff = coeff
+
+    @staticmethod
+    def _tokens(tensor: torch.Tensor, micro_batch: MicroBatch, fill) -> torch.Tensor:
+        """A micro-batch's part of a per-token tensor [B, S, ...]: its rows at its length, or its packed row."""
+        if micro_batch.packed:
+            return pack(tensor, micro_batch, fill)
+        return take(tensor, micro_batch, micro_batch.length, fill)
 
     @staticmethod
     def sequence_padding(response_mask: torch.Tensor) -> torch.Tensor:
@@ -243,23 +261,26 @@ class Policy:
         if not micro_batches:
             raise ValueError("a micro-batch plan needs at least one micro-batch (an empty one for a rank without rows)")
         seen = [r for mb in micro_batches for r in mb.rows]
-        bad = [mb for mb in micro_batches if not 2 <= mb.length <= seq_len or any(not 0 <= r < rows for r in mb.rows)]
+        bad = [mb for mb in micro_batches if any(not 0 <= r < rows for r in mb.rows) or (
+            not 2 <= mb.length <= seq_len if not mb.packed else len(mb.segments) != len(mb.rows)
+            or sum(mb.segments) > mb.length or any(not 2 <= n <= seq_len for n in mb.segments))]
         if bad or len(seen) != len(set(seen)):
             raise ValueError(f"the micro-batch plan does not fit a batch of {rows} rows x {seq_len} tokens "
-                             f"(rows out of range, a length outside 2..{seq_len}, or a row in two micro-batches): "
+                             f"(rows out of range, a row's length outside 2..{seq_len}, or a row in two micro-batches): "
                              f"{(bad or micro_batches)[0]}")
         return tuple(micro_batches)
 
     def plan_layout(self) -> dict:
         """What batching.plan_micro_batches needs to know of this policy: lengths are computed rounded up to the
         tensor-parallel size (every micro-batch is padded to it), attention's quadratic cost from the model's shape,
-        and whether micro-batches must have one shape on every data-parallel rank."""
+        whether micro-batches must have one shape on every data-parallel rank, and whether rows are packed."""
         from megatron.core import parallel_state as ps
 
         from ..batching import attention_quadratic
 
         arch = self.arch
         return dict(multiple=ps.get_tensor_model_parallel_world_size(), aligned=self.aligned_micro_batches(),
+                    packed=self.cfg.pack_sequences,
                     quadratic=attention_quadratic(layers=arch.num_layers, heads=arch.num_heads, head_dim=arch.head_dim,
                                                   params_per_token=arch.active_params_per_token))
 
@@ -305,21 +326,28 @@ class Policy:
 
         def forward_step(iterator, model):
             i = next(iterator)
-            ids = take(input_ids, plan[i], plan[i].length, 0)
+            mb = plan[i]
+            ids = self._tokens(input_ids, mb, 0)
             if self.routes is not None:
                 self.routes.begin(i, None if replay is None else fill_unknown(replay[i]))
             with cpu_compat.model_code():
-                hidden = self._hidden(model, ids)
+                hidden = self._hidden(model, ids, packed=mb if mb.packed else None)
 
             @cpu_compat.model_code()
             def collect(h):
+                # packed: each row's last position would predict the next row's first token; it predicts nothing
+                targets = pack(input_ids[:, 1:], mb, -100, shift=1) if mb.packed else ids[:, 1:]
                 if not bool(torch.isfinite(h).all()):  # NaN log-probs; a train step on them is then skipped
-                    put(out, plan[i], torch.full_like(ids[:, 1:], float("nan"), dtype=out.dtype))
-                    return h.sum() * 0, {}
-                weight, start = self._output_weight()
-                put(out, plan[i], fused_linear_logprobs(
-                    h[:, :-1].contiguous(), weight, ids[:, 1:], temperature=temperature,
-                    process_group=ps.get_tensor_model_parallel_group(), vocab_start=start))
+                    values = torch.full(targets.shape, float("nan"), device=out.device)
+                else:
+                    weight, start = self._output_weight()
+                    values = fused_linear_logprobs(
+                        h[:, :-1].contiguous(), weight, targets, temperature=temperature,
+                        process_group=ps.get_tensor_model_parallel_group(), vocab_start=start)
+                if mb.packed:
+                    unpack_into(out, mb, values)
+                else:
+                    put(out, mb, values)
                 return h.sum() * 0, {}
             return hidden, collect
 
@@ -357,7 +385,7 @@ class Policy:
             raise ValueError(f"the engine returned MoE routes, but {self.cfg.model_path} has no MoE layers")
         check_routes(row_routes, rows=input_ids.shape[0], seq_len=input_ids.shape[1], num_layers=self.arch.num_layers,
                      topk=self.arch.moe_topk, num_experts=self.arch.num_experts)
-        chunks = [take(row_routes, mb, mb.length, UNKNOWN) for mb in self._plan(input_ids, micro_batches)]
+        chunks = [self._tokens(row_routes, mb, UNKNOWN) for mb in self._plan(input_ids, micro_batches)]
         return native_routes(chunks, self.routes.layers, tp=ps.get_tensor_model_parallel_world_size(),
                              tp_rank=ps.get_tensor_model_parallel_rank(),
                              sequence_parallel=self.module.config.sequence_parallel)
@@ -367,7 +395,7 @@ class Policy:
         trained."""
         from megatron.core import parallel_state as ps
 
-        rows = ~take(padding, micro_batch, micro_batch.length, True)
+        rows = ~self._tokens(padding, micro_batch, True)
         return token_order(rows, self._padded_len(rows), ps.get_tensor_model_parallel_world_size(),
                            ps.get_tensor_model_parallel_rank(), self.module.config.sequence_parallel, False)
 
@@ -402,33 +430,45 @@ class Policy:
 
         def forward_step(iterator, model):
             i = next(iterator)
-            mb, tokens = plan[i], plan[i].length
-            ids = take(batch.input_ids, mb, tokens, 0)
+            mb = plan[i]
+            ids = self._tokens(batch.input_ids, mb, 0)
             if self.routes is not None:
                 self.routes.begin(i, None if replay is None else fill_unknown(replay[i]))
             with cpu_compat.model_code():
-                hidden = self._hidden(model, ids, take(padding, mb, tokens, True))
+                hidden = self._hidden(model, ids, self._tokens(padding, mb, True), packed=mb if mb.packed else None)
 
             @cpu_compat.model_code()
             def loss_func(h):
-                m, o = take(mask, mb, tokens - 1, False), take(old, mb, tokens - 1, 0.0)
-                if not m.any():  # nothing to learn from here; the step's normalisers already exclude it
+                # the loss works on rows: a packed micro-batch's hidden states are gathered back into rows of
+                # similar length (batching/packing.py); otherwise the micro-batch's own rows
+                parts = [(h[0][unpack_index(mb, group, width)], MicroBatch(tuple(mb.rows[j] for j in group), width))
+                         for group, width in loss_groups(mb)] if mb.packed else [(h, mb)]
+                masks = [take(mask, part, part.length - 1, False) for _, part in parts]
+                olds = [take(old, part, part.length - 1, 0.0) for _, part in parts]
+                if not any(m.any() for m in masks):  # nothing to learn; the step's normalisers already exclude it
                     return h.sum() * 0.0, {}
-                if not bool(torch.isfinite(h).all() & torch.isfinite(o[m]).all()):
+                if not bool(torch.isfinite(h).all()) or not all(bool(torch.isfinite(o[m]).all())
+                                                                 for o, m in zip(olds, masks)):
                     collected.append({"loss": float("nan")})  # the whole step is skipped below, on every rank
                     return h.sum() * 0.0, {}
                 weight, start = self._output_weight()
-                rollout = None if batch.rollout_log_probs is None else take(batch.rollout_log_probs, mb, tokens - 1, 0.0)
-                loss, metrics = fused_linear_policy_loss(
-                    h[:, :-1].contiguous(), weight, ids[:, 1:], o, take(batch.advantages, mb, tokens - 1, 0.0), m,
-                    config=loss_config, temperature=temperature, rollout_log_probs=rollout,
-                    process_group=ps.get_tensor_model_parallel_group(), vocab_start=start,
-                    reduce_hidden_grad=False, **totals)  # the passthrough's backward reduces it
-                metrics["loss"] = loss.item()
-                collected.append(metrics)
+                total = h.sum() * 0.0
+                for (rows_h, part), m, o in zip(parts, masks, olds):
+                    tokens = part.length
+                    rollout = None if batch.rollout_log_probs is None else \
+                        take(batch.rollout_log_probs, part, tokens - 1, 0.0)
+                    loss, metrics = fused_linear_policy_loss(
+                        rows_h[:, :-1].contiguous(), weight, take(batch.input_ids, part, tokens, 0)[:, 1:], o,
+                        take(batch.advantages, part, tokens - 1, 0.0), m, config=loss_config,
+                        temperature=temperature, rollout_log_probs=rollout,
+                        process_group=ps.get_tensor_model_parallel_group(), vocab_start=start,
+                        reduce_hidden_grad=False, **totals)  # the passthrough's backward reduces it
+                    metrics["loss"] = loss.item()
+                    collected.append(metrics)
+                    total = total + loss
                 # Megatron divides by the number of micro-batches and DDP averages over data parallel; the loss is
                 # already normalised by the whole step's counts, so undo both
-                return loss * (micro_batches * dp), {}
+                return total * (micro_batches * dp), {}
             return hidden, loss_func
 
         self._router_loads.clear()
@@ -461,7 +501,7 @@ class Policy:
                 self.step += 1
         metrics.update(grad_norm=float("nan") if grad_norm is None else float(grad_norm), skipped=float(skipped),
                        lr=self.optimizer.param_groups[0]["lr"])
-        routed = sum(1 for mb in plan if not bool(take(padding, mb, mb.length, True).all()))
+        routed = sum(1 for mb in plan if not bool(self._tokens(padding, mb, True).all()))
         metrics.update(self._routing_metrics(routed))
         if self.routes is not None:
             metrics.update(self._route_agreement(trained_routes, old_routes, batch.engine_routes, padding, plan))
@@ -472,8 +512,8 @@ class Policy:
         """Every response token lies in the plan: its row in a micro-batch, its position within that one's length."""
         reach = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
         for mb in plan:
-            if mb.rows:
-                reach[list(mb.rows)] = mb.length - 1
+            for row, n in zip(mb.rows, mb.segments or [mb.length] * len(mb.rows)):
+                reach[row] = n - 1
         beyond = mask & (torch.arange(mask.shape[1], device=mask.device)[None] >= reach[:, None])
         if beyond.any():
             row = int(beyond.any(dim=1).nonzero()[0])

@@ -1,6 +1,6 @@
-"""Token-budget micro-batches (policy.max_tokens_per_micro_batch, megatron_sapo/batching) give the RL step of the
-padded path: the same old log-probs on the response tokens, loss, gradient norm and every gradient shard within 1e-5
-relative, for sapo, gspo and grpo in every aggregation mode, on a batch of uneven lengths with empty rows and a row
+"""Token-budget micro-batches (policy.max_tokens_per_micro_batch, megatron_sapo/batching), padded or packed
+(policy.pack_sequences), give the RL step of the padded path: the same old log-probs on the response tokens (1e-6),
+loss, gradient norm and every gradient shard within 1e-5 relative, for sapo, gspo and grpo in every aggregation mode, on a batch of uneven lengths with empty rows and a row
 longer than the budget; on one process and under DP=2, TP=2 with sequence parallelism, EP=2 (aligned micro-batch
 shapes for the allgather dispatcher) and PP=2 (Megatron's variable-sequence-length p2p). R3 replay of random engine
 routes (which change the loss wherever a route lands on the wrong token) gives the same step too. The learner-level
@@ -64,7 +64,8 @@ def _assert_same_step(a, b, grads_a, grads_b, what):
 
 
 def compare_paths(model_dir, layout):
-    """On this rank: the padded path and the budgeted one, for every loss; then R3 with random engine routes."""
+    """On this rank: the padded path, the budgeted one and the packed one, for every loss; then R3 with random
+    engine routes."""
     from megatron.core import parallel_state as ps
 
     from megatron_sapo.batching import plan_micro_batches, row_lengths
@@ -75,32 +76,38 @@ def compare_paths(model_dir, layout):
     base = dict(model_path=model_dir, micro_batch_size=1, lr=0.0, clip_grad=0.0, moe_aux_loss_coeff=0.0, **layout)
     policy = Policy(PolicyConfig(**base, max_tokens_per_micro_batch=BUDGET))
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    plans, too_long = plan_micro_batches(row_lengths(mask), dp=dp, max_tokens=BUDGET, **policy.plan_layout())
-    assert too_long == [] and max(mb.computed for p in plans for mb in p.micro_batches) <= BUDGET
-    mine = plans[rank]
-    assert len({len(p) for p in plans}) == 1 and len(mine) > 1
-    sel = torch.tensor(mine.rows, dtype=torch.long)
+    shares = {}  # path -> (this rank's rows, its micro-batches)
+    for path in ("budget", "packed"):
+        plans, too_long = plan_micro_batches(row_lengths(mask), dp=dp, max_tokens=BUDGET,
+                                             **dict(policy.plan_layout(), packed=path == "packed"))
+        assert too_long == [] and max(mb.computed for p in plans for mb in p.micro_batches) <= BUDGET
+        assert len({len(p) for p in plans}) == 1 and len(plans[rank]) > 1
+        assert all(mb.packed == (path == "packed") for p in plans for mb in p.micro_batches if mb.rows)
+        shares[path] = torch.tensor(plans[rank].rows, dtype=torch.long), plans[rank].micro_batches
+    assert any(len(mb.rows) > 1 for mb in shares["packed"][1])  # rows do share a packed row
 
-    # old log-probs: the budgeted forward (each micro-batch at its own length) against the full-width one of every
-    # row (the same rows on every rank: the allgather dispatcher's shapes agree)
+    # old log-probs: each path's forward against the full-width one of every row (the same rows on every rank:
+    # the allgather dispatcher's shapes agree)
     reference = policy.log_probs(ids)
-    old_mine, _ = policy.old_log_probs(ids[sel], micro_batches=mine.micro_batches)
-    assert torch.allclose(old_mine[mask[sel]], reference[sel][mask[sel]], rtol=0, atol=1e-6)
-    assert (old_mine[~mask[sel]] == 0).any()  # positions past a micro-batch's length are not computed
+    for sel, micro in shares.values():
+        old_mine, _ = policy.old_log_probs(ids[sel], micro_batches=micro)
+        assert torch.allclose(old_mine[mask[sel]], reference[sel][mask[sel]], rtol=0, atol=1e-6)
+        assert (old_mine[~mask[sel]] == 0).any()  # positions past a row's length are not computed
     old = reference + 0.2 * torch.randn(mask.shape, generator=g)  # near the model's own: clipped and unclipped
     old[~mask] = 0.0
     p_ids, p_mask, p_adv, p_old = _padded_share([ids, mask, adv, old], dp, rank)
     for loss in LOSSES:
-        what = (layout, loss.loss_type, loss.loss_agg_mode)
         a = policy.train_step(PolicyBatch(p_ids, p_mask, p_adv, old_log_probs=p_old), loss)
         grads_a = _grads(policy)
-        b = policy.train_step(PolicyBatch(ids[sel], mask[sel], adv[sel], old_log_probs=old[sel],
-                                          micro_batches=mine.micro_batches), loss)
-        assert a["skipped"] == b["skipped"] == 0.0, what
-        _assert_same_step(a, b, grads_a, _grads(policy), what)
+        for path, (sel, micro) in shares.items():
+            what = (layout, path, loss.loss_type, loss.loss_agg_mode)
+            b = policy.train_step(PolicyBatch(ids[sel], mask[sel], adv[sel], old_log_probs=old[sel],
+                                              micro_batches=micro), loss)
+            assert a["skipped"] == b["skipped"] == 0.0, what
+            _assert_same_step(a, b, grads_a, _grads(policy), what)
     del policy
 
-    # R3: the engine's (random) routes replayed in both forwards of both paths
+    # R3: the engine's (random) routes replayed in both forwards of every path
     policy = Policy(PolicyConfig(**base, routing_replay="r3", max_tokens_per_micro_batch=BUDGET))
     arch = policy.arch
     routes = engine_routes(len(ROWS), SEQ, arch.num_layers, arch.moe_topk, arch.num_experts)
@@ -109,20 +116,21 @@ def compare_paths(model_dir, layout):
     p_routes = _padded_share([routes], dp, rank)[0]
     loss = LossConfig(loss_type="sapo", loss_agg_mode="token-mean")
     out = []
-    for batch_ids, batch_mask, batch_adv, batch_old, batch_routes, plan in (
-            (p_ids, p_mask, p_adv, p_old, p_routes, None),
-            (ids[sel], mask[sel], adv[sel], old[sel], routes[sel], mine.micro_batches)):
+    for batch_ids, batch_mask, batch_adv, batch_old, batch_routes, plan in [
+            (p_ids, p_mask, p_adv, p_old, p_routes, None)] + [
+            (ids[sel], mask[sel], adv[sel], old[sel], routes[sel], micro) for sel, micro in shares.values()]:
         engine = policy.engine_routes(batch_routes, batch_ids, plan)
         replayed, own = policy.old_log_probs(batch_ids, replay=engine, micro_batches=plan)
         metrics = policy.train_step(PolicyBatch(batch_ids, batch_mask, batch_adv, old_log_probs=batch_old,
                                                 old_routes=own, engine_routes=engine, micro_batches=plan), loss)
         out.append((metrics, _grads(policy), replayed[batch_mask].sum()))
-    (a, grads_a, old_a), (b, grads_b, old_b) = out
-    _assert_same_step(a, b, grads_a, grads_b, (layout, "r3"))
-    if dp == 1:  # the same rows on this rank: their replayed old log-probs agree
-        assert old_b.item() == pytest.approx(old_a.item(), rel=1e-6)
-    for key in ("routing/engine_agree", "routing/replay_agree"):  # per token: the routes sit on the same tokens
-        assert b[key] == pytest.approx(a[key], abs=1e-12), (layout, key, a[key], b[key])
+    a, grads_a, old_a = out[0]
+    for path, (b, grads_b, old_b) in zip(shares, out[1:]):
+        _assert_same_step(a, b, grads_a, grads_b, (layout, path, "r3"))
+        if dp == 1:  # the same rows on this rank: their replayed old log-probs agree
+            assert old_b.item() == pytest.approx(old_a.item(), rel=1e-6), path
+        for key in ("routing/engine_agree", "routing/replay_agree"):  # per token: routes on the same tokens
+            assert b[key] == pytest.approx(a[key], abs=1e-12), (layout, path, key, a[key], b[key])
     assert a["routing/engine_agree"] < 0.5  # random routes: what the routers pick themselves differs
 
 

@@ -1,0 +1,96 @@
+"""Packed sequences in Megatron-Core: the THD inputs of a packed micro-batch, and a core attention for the local
+(non-TransformerEngine) layer spec that takes them.
+
+With TransformerEngine the model's TEDotProductAttention takes THD inputs itself. Megatron-Core 0.16.1's local
+DotProductAttention refuses them, so the local spec gets `PackedDotProductAttention`: the same attention, which
+for a packed micro-batch attends within each row only (its `cu_seqlens` boundaries):
+  - on CUDA, where PyTorch has it (torch.nn.attention.varlen, 2.10+), variable-length flash attention over the
+    whole packed row in one call (never run on a GPU in this project's tests yet: `make gpu-check` compares it
+    with the per-row path);
+  - otherwise (the CPU; GPUs with an older torch), the parent's causal attention on each row's segment in turn:
+    exact, and its cost the rows' own (sum of L_i^2), not the packed row's (T^2).
+Without packing it is the parent unchanged. RoPE restarts at every row through Megatron-Core's own THD rotary path
+(`cu_seqlens` in PackedSeqParams).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+from ..batching.packing import cu_seqlens
+
+
+def packed_seq_params(micro_batch, length: int, device) -> PackedSeqParams:
+    """THD parameters of a packed micro-batch computed at `length` positions (its length rounded up for tensor
+    parallelism; the rest a padding sequence of its own)."""
+    cu = cu_seqlens(micro_batch, length)
+    longest = int((cu[1:] - cu[:-1]).max())
+    cu = cu.to(device)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
+def packed_positions(params: PackedSeqParams, length: int, device) -> torch.Tensor:
+    """[1, length] positions restarting at every sequence (for position embeddings that read them; RoPE reads the
+    boundaries)."""
+    cu = params.cu_seqlens_q.cpu()
+    return torch.cat([torch.arange(int(n)) for n in cu[1:] - cu[:-1]])[None, :length].to(device)
+
+
+def _varlen():
+    """PyTorch's variable-length attention and how it is told to be causal, or None where it is missing."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    names = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in names else {"window_size": (-1, 0)}
+    return varlen_attn, causal, "enable_gqa" in names
+
+
+class PackedDotProductAttention(DotProductAttention):
+    """Megatron-Core's local core attention, also for THD inputs (packed rows); see the module docstring."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params: PackedSeqParams | None = None):
+        if packed_seq_params is None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias)
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"packed sequences in {packed_seq_params.qkv_format!r} layout; only 'thd' is supported")
+        cu = packed_seq_params.cu_seqlens_q
+        varlen = _varlen() if query.is_cuda else None
+        if varlen is not None:
+            return self._varlen_forward(query, key, value, cu, packed_seq_params.max_seqlen_q, *varlen)
+        out = []
+        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            n = end - start
+            causal = torch.triu(torch.ones(n, n, dtype=torch.bool, device=query.device), 1)[None, None]
+            out.append(super().forward(query[start:end, None], key[start:end, None], value[start:end, None],
+                                       causal, attn_mask_type=attn_mask_type, attention_bias=attention_bias))
+        return torch.cat(out)  # [t, 1, heads x head_dim]
+
+    def _varlen_forward(self, query, key, value, cu, longest, varlen_attn, causal, has_gqa):
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        extra = {}
+        if groups > 1 and has_gqa:
+            extra["enable_gqa"] = True
+        elif groups > 1:
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)  # (the layer-number scaling undone there)
+        out = varlen_attn(query, key, value, cu, cu, longest, longest, scale=scale, **causal, **extra)
+        return out.reshape(out.shape[0], 1, -1)
+
+
+def use_packed_attention(spec) -> None:
+    """Give every layer of a local spec (a layer's ModuleSpec, or a block's TransformerBlockSubmodules) this core
+    attention."""
+    layers = getattr(spec, "layer_specs", None) or [spec]
+    for layer in layers:
+        attention = layer.submodules.self_attention.submodules
+        if attention.core_attention is DotProductAttention:
+            attention.core_attention = PackedDotProductAttention
