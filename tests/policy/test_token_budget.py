@@ -63,7 +63,7 @@ def _assert_same_step(a, b, grads_a, grads_b, what):
         assert err <= 1e-5 * scale + 1e-9, (what, name, err, scale)
 
 
-def compare_paths(model_dir, layout):
+def compare_paths(model_dir, layout, losses=LOSSES):
     """On this rank: the padded path, the budgeted one and the packed one, for every loss; then R3 with random
     engine routes."""
     from megatron.core import parallel_state as ps
@@ -96,7 +96,7 @@ def compare_paths(model_dir, layout):
     old = reference + 0.2 * torch.randn(mask.shape, generator=g)  # near the model's own: clipped and unclipped
     old[~mask] = 0.0
     p_ids, p_mask, p_adv, p_old = _padded_share([ids, mask, adv, old], dp, rank)
-    for loss in LOSSES:
+    for loss in losses:
         a = policy.train_step(PolicyBatch(p_ids, p_mask, p_adv, old_log_probs=p_old), loss)
         grads_a = _grads(policy)
         for path, (sel, micro) in shares.items():
@@ -159,9 +159,23 @@ def test_budget_matches_padded_path_under_dp_tp_ep_pp(tmp_path):
     spawn_local(_worker, 2, str(tmp_path))
 
 
+def _tp_pp_worker(rank, model_dir):
+    compare_paths(model_dir, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
+                  losses=[LOSSES[1], LOSSES[-1]])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_budget_matches_padded_path_under_tp2_pp2(tmp_path):
+    """TP=2 x PP=2 on 4 processes: sequence parallelism and variable-length p2p together (two loss settings)."""
+    tiny_models().build("qwen3_moe", tmp_path, num_experts=8)
+    spawn_local(_tp_pp_worker, 4, str(tmp_path))
+
+
 def test_learner_update_with_a_budget_takes_the_padded_step(tmp_path, caplog):
     """Two mini-batch updates at lr 1e-3 with R2 replay, through the learner (planning, shards, old log-probs,
-    updates): the budgeted step's loss, gradient norm and updated weights equal the padded path's; the plan's
+    updates): the budgeted step's and the packed step's loss, gradient norm and updated weights equal the padded
+    path's; the plan's
     numbers are those of the batch (real tokens over computed positions, by hand for the padded path); a row longer
     than the budget is said once, however many updates meet it. (adam_eps 1e-5: Adam's first steps are about
     lr x sign(gradient), which would turn the float rounding of a gradient element near zero into a whole step.)"""
@@ -176,32 +190,39 @@ def test_learner_update_with_a_budget_takes_the_padded_step(tmp_path, caplog):
     ids, mask, adv, g = uneven_batch()
     batch = RolloutBatch(ids, mask, -torch.rand(mask.shape, generator=g) * mask, adv)
     got = {}
-    for budget in (0, 16):  # the longest row has 17 tokens
+    for budget, packed in ((0, False), (16, False), (16, True)):  # the longest row has 17 tokens
         cfg = load_config(None, [f"policy.model_path={tmp_path / 'm'}", "policy.lr=1e-3", "policy.routing_replay=r2",
                                  "policy.micro_batch_size=1", f"policy.max_tokens_per_micro_batch={budget}",
+                                 f"policy.pack_sequences={str(packed).lower()}",
                                  "policy.moe_aux_loss_coeff=0.0", "policy.adam_eps=1e-5", "trainer.mini_batches=2",
                                  "loss.loss_type=sapo"])
         policy = Policy(cfg.policy)
         learner = Learner(policy, cfg)
         metrics = learner.update(batch, 0)
         learner.update(batch, 1)  # the long row again: no second warning
-        got[budget] = metrics, policy.hf_state_dict()
-    (padded, w_padded), (budgeted, w_budgeted) = got[0], got[16]
+        got[budget, packed] = metrics, policy.hf_state_dict()
+    padded, w_padded = got[0, False]
     for key in ("train/loss", "train/grad_norm", "count/tokens", "ratio/mean"):
-        assert budgeted[key] == pytest.approx(padded[key], rel=1e-5), (key, padded[key], budgeted[key])
-    # R2: each update replays its own old forward's routes; the second's routers drift by themselves alike
-    assert padded["routing/replay_agree"] == budgeted["routing/replay_agree"] < 1.0, (padded, budgeted)
-    for name, w in w_padded.items():
-        err = (w_budgeted[name] - w).abs().max().item()
-        assert err <= 1e-5 * w.abs().max().item(), (name, err, w.abs().max().item())
+        for path in ((16, False), (16, True)):
+            assert got[path][0][key] == pytest.approx(padded[key], rel=1e-5), (key, path, padded[key], got[path][0])
+    for path in ((16, False), (16, True)):
+        metrics, weights = got[path]
+        # R2: each update replays its own old forward's routes; the second's routers drift by themselves alike
+        assert metrics["routing/replay_agree"] == padded["routing/replay_agree"] < 1.0, (padded, metrics)
+        for name, w in w_padded.items():
+            err = (weights[name] - w).abs().max().item()
+            assert err <= 1e-5 * w.abs().max().item(), (path, name, err, w.abs().max().item())
     moved = max((w_padded[n] - w).abs().max().item() for n, w in read_weights(tmp_path / "m").items())
     assert moved > 1e-4  # the updates did change the weights
     real = sum(p + r for p, r in ROWS if r)
+    budgeted, packed = got[16, False][0], got[16, True][0]
     assert padded["train/token_efficiency"] == pytest.approx(real / (len(ROWS) * SEQ))
     assert budgeted["train/token_efficiency"] > 0.75 > 2 * padded["train/token_efficiency"] - 0.2
-    assert padded["train/micro_batches"] == len(ROWS) and budgeted["train/micro_batches"] < len(ROWS)
+    assert packed["train/token_efficiency"] == 1.0  # no padding at all (one process, no TP rounding)
+    assert padded["train/micro_batches"] == len(ROWS) > budgeted["train/micro_batches"] \
+        >= packed["train/micro_batches"]
     assert padded["train/dp_token_imbalance"] == budgeted["train/dp_token_imbalance"] == 1.0  # one rank
-    assert caplog.text.count("longer than policy.max_tokens_per_micro_batch=16") == 1
+    assert caplog.text.count("longer than policy.max_tokens_per_micro_batch=16") == 2  # once per learner
 
 
 def read_weights(model_dir):
