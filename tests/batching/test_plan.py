@@ -95,12 +95,13 @@ LENGTH_LISTS = {
 @pytest.mark.parametrize("dp", [1, 2, 4])
 @pytest.mark.parametrize("multiple", [1, 2])
 @pytest.mark.parametrize("aligned", [False, True])
-def test_plans_keep_every_guarantee(name, dp, multiple, aligned):
+@pytest.mark.parametrize("packed", [False, True])
+def test_plans_keep_every_guarantee(name, dp, multiple, aligned, packed):
     torch.manual_seed(0)
     lengths = LENGTH_LISTS[name]
     budget = 1024
     plans, too_long = plan_micro_batches(lengths, dp=dp, max_tokens=budget, multiple=multiple, quadratic=1e-3,
-                                         aligned=aligned)
+                                         aligned=aligned, packed=packed)
     assert len(plans) == dp
     seen = [r for plan in plans for r in plan.rows]
     assert sorted(seen) == [r for r, n in enumerate(lengths) if n > 0]  # every live row once, no empty row
@@ -113,6 +114,10 @@ def test_plans_keep_every_guarantee(name, dp, multiple, aligned):
             if not mb.rows:
                 assert aligned or (mb.length, mb.width) == (2, 1)
                 continue
+            if packed:  # its rows back to back, each whole; padding only where aligned
+                assert mb.segments == tuple(lengths[plan.rows[i]] for i in mb.rows) and mb.width == 1
+                assert mb.length == sum(mb.segments) or (aligned and mb.length > sum(mb.segments))
+                continue
             longest = max(lengths[plan.rows[i]] for i in mb.rows)
             if aligned:
                 assert mb.length >= longest and mb.width >= len(mb.rows)
@@ -122,7 +127,7 @@ def test_plans_keep_every_guarantee(name, dp, multiple, aligned):
         assert len({tuple((mb.width, mb.length) for mb in plan.micro_batches) for plan in plans}) == 1
     assert too_long == sorted(r for r, n in enumerate(lengths) if -(-n // multiple) * multiple > budget)
     again, _ = plan_micro_batches(list(lengths), dp=dp, max_tokens=budget, multiple=multiple, quadratic=1e-3,
-                                  aligned=aligned)
+                                  aligned=aligned, packed=packed)
     assert again == plans  # deterministic
 
 
@@ -200,3 +205,15 @@ def test_plan_summary_counts_positions_over_ranks():
     plans = [MicroBatchPlan((0, 1), (MicroBatch((0, 1), 5),)), MicroBatchPlan((2,), (MicroBatch((0,), 3, size=2),))]
     summary = plan_summary(plans, [5, 4, 3], multiple=2)
     assert summary == {"real": 12.0, "computed": 2 * 6 + 2 * 4, "micro_batches": 1.0, "imbalance": 12 / 10}
+
+
+def test_packing_leaves_almost_no_padding_on_a_long_tail():
+    """Packed, the long tail above computes >= 99% real tokens (measured 1.00 at budgets 4096 to 16384; padded rows
+    0.94 to 0.78), aligned over 4 ranks >= 95% (measured 0.97-0.99)."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = [int(v) for v in (torch.rand(256, generator=gen) ** 3 * 4000 + 50)]
+    for budget in (4096, 8192, 16384):
+        for aligned, floor in ((False, 0.99), (True, 0.95)):
+            plans, _ = plan_micro_batches(lengths, dp=4, max_tokens=budget, packed=True, aligned=aligned)
+            summary = plan_summary(plans, lengths)
+            assert summary["real"] / summary["computed"] >= floor, (budget, aligned, summary)
