@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Training-step throughput of the Megatron policy on RL-shaped batches: a SAPO step (old-log-prob forward +
 forward/backward over micro-batches + optimizer) on a tiny Qwen3-MoE built offline, with the row lengths of a
-rollout batch (--lengths), through today's padded micro-batches and through token-budget micro-batches
-(policy.max_tokens_per_micro_batch), side by side, on 1 process and on 2 (EP=2, data parallel over the rows).
+rollout batch (--lengths), through today's padded micro-batches, token-budget micro-batches
+(policy.max_tokens_per_micro_batch) and packed ones (policy.pack_sequences), side by side, on 1 process and on 2
+(EP=2, data parallel over the rows).
 
     python tools/bench_train_step.py --lengths lognormal --max-len 1024 --batch 32 --budget 1024
 
@@ -100,10 +101,11 @@ def _run(rank, world, args, model_dir, out):
 
     lengths = row_lengths(args.lengths, args.batch, args.max_len)
     results = {}
-    for path in ("padded", "budget"):
-        budget = args.budget if path == "budget" else 0
+    for path in ("padded", "budget", "packed"):
+        budget = 0 if path == "padded" else args.budget
         policy = Policy(PolicyConfig(model_path=model_dir, micro_batch_size=args.micro_batch, lr=1e-4,
-                                     expert_model_parallel_size=world, max_tokens_per_micro_batch=budget))
+                                     expert_model_parallel_size=world, max_tokens_per_micro_batch=budget,
+                                     pack_sequences=path == "packed"))
         ids, mask, adv = _batch(args, lengths, policy.arch.vocab_size)
         dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         if budget:
