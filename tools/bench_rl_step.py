@@ -180,9 +180,10 @@ def trl_settings(cfg) -> dict:
             "seed": p.seed, "tau_pos": loss.tau_pos, "tau_neg": loss.tau_neg}
 
 
-def run_ours(demo: Path, out: Path, total_steps: int, threads: int, staleness: int = 0) -> tuple[list[dict], float]:
+def run_ours(demo: Path, out: Path, total_steps: int, threads: int, staleness: int = 0,
+             extra: list[str] = ()) -> tuple[list[dict], float]:
     cmd = [sys.executable, "-m", "megatron_sapo.cli", "train", str(RECIPE), *our_overrides(demo, out, total_steps),
-           f"trainer.max_staleness={staleness}"]
+           f"trainer.max_staleness={staleness}", *extra]
     wall = _run(cmd, out.parent / f"{out.name}.log", threads, "megatron_sapo (megatron-sapo train)")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [{"seconds": r["time/step_s"], "tokens": r["rollout/tokens"], "reward": r["reward/mean"],
@@ -361,6 +362,8 @@ def main() -> None:
     parser.add_argument("--async-staleness", type=int, default=0, help="also run ours with trainer.max_staleness=K "
                         "(its embedded engine then generates in a process of its own, on another core): a third "
                         "column")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for our side only (repeatable), e.g. policy.max_tokens_per_micro_batch=256")
     parser.add_argument("--trl-worker", type=Path, help=argparse.SUPPRESS)  # internal: run TRL's side from a job file
     args = parser.parse_args()
     if args.trl_worker:
@@ -379,17 +382,18 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         demo, runs = work / "demo", work / time.strftime("runs_%Y%m%d-%H%M%S")
         runs.mkdir()
-        settings = trl_settings(load_config(RECIPE, our_overrides(demo, runs / "ours", total)))
+        settings = trl_settings(load_config(RECIPE, our_overrides(demo, runs / "ours", total) + args.set))
         if not (demo / "model" / "config.json").is_file():
             _run([sys.executable, str(REPO / "tools" / "prepare_demo.py"), str(demo)], work / "prepare.log",
                  args.threads, "tools/prepare_demo.py")
         print(f"running megatron_sapo, then TRL, {total} RL steps each ({args.warmup_steps} warm-up); outputs and "
               f"logs in {runs}", flush=True)
         loads = [os.getloadavg()[0]]
-        ours_steps, ours_wall = run_ours(demo, runs / "ours", total, args.threads)
+        ours_steps, ours_wall = run_ours(demo, runs / "ours", total, args.threads, extra=args.set)
         loads.append(os.getloadavg()[0])
         if args.async_staleness:
-            ahead_steps, ahead_wall = run_ours(demo, runs / "ours_async", total, args.threads, args.async_staleness)
+            ahead_steps, ahead_wall = run_ours(demo, runs / "ours_async", total, args.threads, args.async_staleness,
+                                               args.set)
         trl_steps, trl_wall = run_trl(demo, runs / "trl", total, args.threads, settings)
         loads.append(os.getloadavg()[0])
     ours = {**_summarise(ours_steps, args.warmup_steps), "process_s": ours_wall}
@@ -408,6 +412,8 @@ def main() -> None:
     print(f"steps: {args.steps} timed after {args.warmup_steps} warm-up per side, one side after the other, each in "
           f"its own process; threads: {args.threads} (OMP_NUM_THREADS={args.threads}); CPU")
     print(f"versions: {_versions()}")
+    if args.set:
+        print(f"our side also with: {' '.join(args.set)}")
     print(f"1-min load average: {loads[0]:.2f} before ours, {loads[1]:.2f} between, {loads[2]:.2f} after TRL "
           f"({os.cpu_count()} cores)")
     print()
