@@ -11,9 +11,11 @@ policy.routing_replay:
         (the trainer then computes the engine's function, up to numerics)
 Replay is Megatron-Core's own (TransformerConfig.moe_enable_routing_replay: each router holds a RouterReplay,
 set here to REPLAY_FORWARD with the micro-batch's ids): a router takes the given top-k ids and gathers its own scores
-at them, so the gradient still reaches the router through the probabilities of the replayed experts. Nothing of
-Megatron's router is patched; each router's own instance is driven (not RouterReplay's process-global list), so
-several models in one process do not mix.
+at them, so the gradient still reaches the router through the probabilities of the replayed experts. Under
+activation recompute a router runs again inside the backward; there it replays, first in first out, the routes its
+forwards were given (Megatron's REPLAY_BACKWARD), since a pipeline schedule may have run later micro-batches'
+forwards in between, and its picks are not filed again. Nothing of Megatron's router is patched; each router's own
+instance is driven (not RouterReplay's process-global list), so several models in one process do not mix.
 
 Routes (`Routes`): per micro-batch, per router of this rank (this pipeline stage's MoE layers, in build order), the
 top-k expert ids [tokens, k] (int16, sorted) of the tokens that router sees.
@@ -63,10 +65,21 @@ class RouteTracker:
         self._current: list[torch.Tensor | None] | None = None
         self._replaying = False
         for index, router in enumerate(self.routers):
+            router.register_forward_pre_hook(self._choose_replay)
             router.register_forward_hook(partial(self._capture, index))
 
+    def _choose_replay(self, router, inputs) -> None:
+        """Activation recompute runs a router again inside the backward, where pipeline schedules (1F1B) may already
+        have run later micro-batches' forwards: there it replays, first in first out, the routes each forward of
+        it was given (Megatron's REPLAY_BACKWARD list), not the newest ones."""
+        if self._replaying and router.router_replay is not None:
+            from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+            action = RouterReplayAction.REPLAY_BACKWARD if _in_backward() else RouterReplayAction.REPLAY_FORWARD
+            router.router_replay.set_router_replay_action(action)
+
     def _capture(self, index: int, module, inputs, output) -> None:
-        if self._current is None:
+        if self._current is None or _in_backward():  # a recompute: the forward's picks are filed already
             return
         if self._replaying:
             with torch.no_grad():
@@ -139,6 +152,11 @@ class RouteTracker:
         per_layer = counts[seen, 0] / counts[seen, 1]
         return {f"routing/{name}_agree": (counts[:, 0].sum() / counts[:, 1].sum()).item(),
                 f"routing/{name}_agree_min_layer": per_layer.min().item()}
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward here (a checkpointed forward being recomputed)."""
+    return torch._C._current_autograd_node() is not None
 
 
 def token_order(rows: torch.Tensor, padded_len: int, tp: int, tp_rank: int, sequence_parallel: bool,

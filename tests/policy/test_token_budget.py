@@ -134,6 +134,42 @@ def compare_paths(model_dir, layout, losses=LOSSES):
     assert a["routing/engine_agree"] < 0.5  # random routes: what the routers pick themselves differs
 
 
+def compare_recompute_under_replay(model_dir, layout):
+    """Full activation recompute re-runs each MoE router inside the backward: under R2 and R3 it must replay the
+    routes of the micro-batch being recomputed (under pipeline parallelism, 1F1B has run later micro-batches'
+    forwards by then), and its picks must not overwrite those of the forward. The step equals the one without
+    recompute: loss, gradients, the routing agreement."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_sapo.batching import plan_micro_batches, row_lengths
+    from megatron_sapo.policy.config import PolicyConfig
+    from megatron_sapo.policy.policy import Policy, PolicyBatch
+
+    ids, mask, adv, g = uneven_batch()
+    old = -torch.rand(mask.shape, generator=g) * mask
+    loss = LossConfig(loss_type="grpo", loss_agg_mode="seq-mean-token-mean")
+    for replay in ("r2", "r3"):
+        out = []
+        for recompute in ("none", "full"):
+            policy = Policy(PolicyConfig(model_path=model_dir, lr=0.0, clip_grad=0.0, moe_aux_loss_coeff=0.0,
+                                         max_tokens_per_micro_batch=BUDGET, routing_replay=replay,
+                                         recompute=recompute, **layout))
+            dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+            plans, _ = plan_micro_batches(row_lengths(mask), dp=dp, max_tokens=BUDGET, **policy.plan_layout())
+            sel, micro = torch.tensor(plans[rank].rows, dtype=torch.long), plans[rank].micro_batches
+            arch = policy.arch
+            routes = engine_routes(len(ROWS), SEQ, arch.num_layers, arch.moe_topk, arch.num_experts)
+            engine = policy.engine_routes(routes[sel], ids[sel], micro)
+            _, own = policy.old_log_probs(ids[sel], replay=engine if replay == "r3" else None, micro_batches=micro)
+            metrics = policy.train_step(PolicyBatch(ids[sel], mask[sel], adv[sel], old_log_probs=old[sel],
+                                                    old_routes=own, engine_routes=engine, micro_batches=micro), loss)
+            out.append((metrics, _grads(policy)))
+            del policy
+        (a, grads_a), (b, grads_b) = out
+        _assert_same_step(a, b, grads_a, grads_b, (layout, replay, "recompute"))
+        assert b["routing/replay_agree"] == a["routing/replay_agree"], (replay, a, b)
+
+
 def test_budget_matches_padded_path_on_one_process(tmp_path):
     from megatron_sapo.policy import parallel
 
@@ -150,6 +186,7 @@ def _worker(rank, model_dir):
     for layout in LAYOUTS:
         print("layout", layout, flush=True)
         compare_paths(model_dir, layout)
+    compare_recompute_under_replay(model_dir, dict(pipeline_model_parallel_size=2))
 
 
 @pytest.mark.multiprocess
