@@ -18,7 +18,9 @@
 #                 full-logits route (time, peak memory, the kernels' GB/s against the HBM peak); --quick: the logits
 #                 path only, fewer repeats
 #   policy        tools/gpu_check_policy.py: the tiny Qwen3-MoE through Policy on Megatron-Core, bf16, NCCL,
-#                 distributed optimizer: log-probs vs transformers, 3 SAPO steps, checkpoint and export round trips
+#                 distributed optimizer: log-probs vs transformers, 3 SAPO steps, checkpoint and export round trips,
+#                 R2 replay, a packed training step (policy.pack_sequences: PyTorch's varlen flash attention with
+#                 the local layers) against the padded one
 #   policy_te     the same with TransformerEngine's layers (skipped when TE does not import)
 #
 # Environment (all optional):

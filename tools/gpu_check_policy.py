@@ -20,6 +20,12 @@ GPU code paths that the CPU test suite cannot reach:
   routing_replay_r2        MoE routing replay (policy.routing_replay=r2, Megatron's RouterReplay): two updates of a
                            new policy, in which every router uses exactly the experts its old-log-prob forward
                            picked (read back from its routing map), with routing/replay_agree 1 in the first
+  packed_logprobs_match_hf sequence packing (policy.pack_sequences: rows of uneven length back to back in THD
+                           micro-batches under a token budget; attention through TE's THD path, or PyTorch's
+                           variable-length flash attention with the local layers, reported as `attention`): the
+                           packed old-log-prob forward against transformers, within bf16's error
+  packed_step_matches      a packed SAPO step against the padded path's on the same weights and rows: loss and grad
+                           norm within bf16 noise (2e-2 relative)
 
 Prints one JSON object (also written to --json); exit status 1 when a check fails. A phase that raises is reported
 (check PHASE_completed false, its traceback's end under "errors") and the later phases still run.
@@ -100,6 +106,30 @@ def same_tensors(a: dict, b: dict) -> bool:
 def layer_spec_of(module) -> str:
     return "transformer_engine" if any("transformer_engine" in type(m).__module__ for m in module.modules()) \
         else "local"
+
+
+def uneven_batch(vocab: int, device):
+    """16 rows of 6 to 96 tokens (prompt 4-12, the rest response), right-padded to 96: packing's shape."""
+    import torch
+
+    from megatron_sapo.policy.policy import PolicyBatch
+
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(6, 97, (16,), generator=g).tolist()
+    ids = torch.randint(0, vocab, (16, 96), generator=g)
+    mask = torch.zeros(16, 95, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        mask[row, 3 + row % 8:n - 1] = True
+    return PolicyBatch(ids.to(device), mask.to(device), torch.randn(16, generator=g).to(device))
+
+
+def attention_path(policy, on_gpu: bool) -> str:
+    """Which attention a packed micro-batch goes through (policy/packing.py)."""
+    if layer_spec_of(policy.module) == "transformer_engine":
+        return "transformer_engine THD"
+    from megatron_sapo.policy.packing import _varlen
+
+    return "torch varlen_attn" if on_gpu and _varlen() is not None else "per-row (local attention, row by row)"
 
 
 class PolicyCheck:
@@ -269,6 +299,45 @@ class PolicyCheck:
         self.result["routing"] = {"routes_held": held, "replay_agree": agree}
         self.checks["routing_replay_r2"] = all(held) and agree[0] == 1.0
 
+    def packing(self) -> None:
+        """A packed policy on the model's own weights: its old log-probs against transformers, and a SAPO step
+        against the padded path's (the same Policy: the plan is the batch's, the weights do not move at lr 0)."""
+        import dataclasses
+
+        import torch
+
+        from megatron_sapo.batching import plan_micro_batches, row_lengths
+        from megatron_sapo.losses import LossConfig
+        from megatron_sapo.policy.policy import Policy, PolicyBatch
+
+        policy = Policy(dataclasses.replace(self.cfg, lr=0.0, max_tokens_per_micro_batch=256, pack_sequences=True))
+        batch = uneven_batch(self.vocab, self.device)
+        plans, _ = plan_micro_batches(row_lengths(batch.response_mask.cpu()), dp=1, max_tokens=256,
+                                      **policy.plan_layout())
+        plan = plans[0]
+        rows = torch.tensor(plan.rows, device=self.device)
+        ids, mask, adv = batch.input_ids[rows], batch.response_mask[rows], batch.advantages[rows]
+        packed_old, _ = policy.old_log_probs(ids, micro_batches=plan.micro_batches)
+        reference = reference_log_probs(self.hf, ids)
+        peer = reference_log_probs(copy.deepcopy(self.hf).to(torch.bfloat16), ids)
+        keep = mask.cpu()
+        agreement = bf16_agreement(packed_old.cpu()[keep], peer[keep], reference[keep])
+        old = packed_old + 0.3 * torch.randn(packed_old.shape, generator=torch.Generator().manual_seed(6)).to(
+            self.device) * mask
+        loss = LossConfig(loss_type="sapo")
+        padded = policy.train_step(PolicyBatch(ids, mask, adv, old_log_probs=old), loss)
+        packed = policy.train_step(PolicyBatch(ids, mask, adv, old_log_probs=old, micro_batches=plan.micro_batches),
+                                   loss)
+        self.result["packing"] = {
+            "attention": attention_path(policy, self.on_gpu), "micro_batches": len(plan),
+            "rows_per_micro_batch": [len(mb.rows) for mb in plan.micro_batches], "logprobs": agreement,
+            "loss": [padded["loss"], packed["loss"]], "grad_norm": [padded["grad_norm"], packed["grad_norm"]]}
+        self.checks["packed_logprobs_match_hf"] = agreement["ok"]
+        self.checks["packed_step_matches"] = (
+            packed["skipped"] == padded["skipped"] == 0
+            and math.isclose(packed["loss"], padded["loss"], rel_tol=2e-2, abs_tol=1e-4)
+            and math.isclose(packed["grad_norm"], padded["grad_norm"], rel_tol=2e-2))
+
 
 def run(out: Path, on_gpu: bool, layer_spec: str) -> dict:
     import torch
@@ -281,7 +350,7 @@ def run(out: Path, on_gpu: bool, layer_spec: str) -> dict:
         raise SystemExit("no CUDA GPU: this check runs on one (--cpu runs it on the CPU)" if on_gpu else
                          "--cpu is for machines without a GPU: the policy uses CUDA whenever it is there")
     check = PolicyCheck(out, on_gpu)
-    for name in ("build", "logprobs", "train", "checkpoint", "export", "routing"):
+    for name in ("build", "logprobs", "train", "checkpoint", "export", "routing", "packing"):
         check.run_phase(name)
     return {**check.result, "checks": check.checks}
 

@@ -188,6 +188,8 @@ def digest_policy(raw: dict) -> dict:
     raw["headline"] = (f"{passed}/{len(checks)} checks ({raw.get('layer_spec')} layers, {raw.get('optimizer')}); "
                        f"losses {losses}; log-prob max err {lp.get('max_abs_err', float('nan')):.3g} "
                        f"(transformers bf16 {lp.get('peer_max_abs_err', float('nan')):.3g})")
+    if "packing" in raw:
+        raw["headline"] += f"; packed attention: {raw['packing'].get('attention')}"
     failed = [name for name, ok in checks.items() if not ok]
     if failed:
         raw["headline"] += f"; failed: {', '.join(failed)}"

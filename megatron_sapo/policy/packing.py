@@ -7,8 +7,9 @@ for a packed micro-batch attends within each row only (its `cu_seqlens` boundari
   - on CUDA, where PyTorch has it (torch.nn.attention.varlen, 2.10+), variable-length flash attention over the
     whole packed row in one call (never run on a GPU in this project's tests yet: `make gpu-check` compares it
     with the per-row path);
-  - otherwise (the CPU; GPUs with an older torch), the parent's causal attention on each row's segment in turn:
-    exact, and its cost the rows' own (sum of L_i^2), not the packed row's (T^2).
+  - otherwise (the CPU; GPUs with an older torch), the parent's attention over blocks of consecutive rows (up to
+    128 tokens, or one longer row), each with a mask causal within each row and shut across rows: exact, and its
+    cost near the rows' own (sum of L_i^2) rather than the packed row's (T^2), without a call per short row.
 Without packing it is the parent unchanged. RoPE restarts at every row through Megatron-Core's own THD rotary path
 (`cu_seqlens` in PackedSeqParams).
 """
@@ -52,6 +53,26 @@ def _varlen():
     return varlen_attn, causal, "enable_gqa" in names
 
 
+BLOCK = 128  # tokens: short rows are attended together in blocks of at most this size (one call, a masked square)
+
+
+def _blocks(bounds: list[int], device):
+    """(start, end, mask) over consecutive rows grouped into blocks of at most BLOCK tokens (or one longer row): each
+    block's mask [1, 1, n, n] is causal within each of its rows and shut across them (True = masked). A block of
+    short rows costs one call of n^2 scores instead of a call per row; a long row is a block of its own."""
+    start = 0
+    while start < len(bounds) - 1:
+        end = start + 1
+        while end < len(bounds) - 1 and bounds[end + 1] - bounds[start] <= BLOCK:
+            end += 1
+        lo, hi = bounds[start], bounds[end]
+        row = torch.repeat_interleave(torch.arange(end - start), torch.tensor(bounds[start + 1:end + 1]) -
+                                      torch.tensor(bounds[start:end]))
+        mask = (row[:, None] != row[None, :]) | torch.ones(hi - lo, hi - lo, dtype=torch.bool).triu(1)
+        yield lo, hi, mask[None, None].to(device)
+        start = end
+
+
 class PackedDotProductAttention(DotProductAttention):
     """Megatron-Core's local core attention, also for THD inputs (packed rows); see the module docstring."""
 
@@ -67,11 +88,9 @@ class PackedDotProductAttention(DotProductAttention):
         if varlen is not None:
             return self._varlen_forward(query, key, value, cu, packed_seq_params.max_seqlen_q, *varlen)
         out = []
-        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
-            n = end - start
-            causal = torch.triu(torch.ones(n, n, dtype=torch.bool, device=query.device), 1)[None, None]
+        for start, end, mask in _blocks(cu.tolist(), query.device):
             out.append(super().forward(query[start:end, None], key[start:end, None], value[start:end, None],
-                                       causal, attn_mask_type=attn_mask_type, attention_bias=attention_bias))
+                                       mask, attn_mask_type=attn_mask_type, attention_bias=attention_bias))
         return torch.cat(out)  # [t, 1, heads x head_dim]
 
     def _varlen_forward(self, query, key, value, cu, longest, varlen_attn, causal, has_gqa):

@@ -124,7 +124,9 @@ def test_policy_check_runs_on_cpu(tmp_path):
                          env=_env())
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert all(result["checks"].values()) and len(result["checks"]) == 9, result["checks"]
+    assert all(result["checks"].values()) and len(result["checks"]) == 11, result["checks"]
     assert len(result["steps"]) == 3 and result["layer_spec"] == "local"
     digest = _report_module().digest_policy(result)
-    assert digest["headline"].startswith("9/9 checks (local layers")
+    assert digest["headline"].startswith("11/11 checks (local layers")
+    assert result["packing"]["attention"].startswith("per-row") and max(result["packing"]["rows_per_micro_batch"]) > 1
+    assert "packed attention: per-row" in digest["headline"]
