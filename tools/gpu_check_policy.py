@@ -109,13 +109,13 @@ def layer_spec_of(module) -> str:
 
 
 def uneven_batch(vocab: int, device):
-    """16 rows of 6 to 96 tokens (prompt 4-12, the rest response), right-padded to 96: packing's shape."""
+    """16 rows of 14 to 96 tokens (prompt 4-11, the rest response), right-padded to 96: packing's shape."""
     import torch
 
     from megatron_sapo.policy.policy import PolicyBatch
 
     g = torch.Generator().manual_seed(5)
-    lengths = torch.randint(6, 97, (16,), generator=g).tolist()
+    lengths = torch.randint(14, 97, (16,), generator=g).tolist()
     ids = torch.randint(0, vocab, (16, 96), generator=g)
     mask = torch.zeros(16, 95, dtype=torch.bool)
     for row, n in enumerate(lengths):
@@ -129,7 +129,7 @@ def attention_path(policy, on_gpu: bool) -> str:
         return "transformer_engine THD"
     from megatron_sapo.policy.packing import _varlen
 
-    return "torch varlen_attn" if on_gpu and _varlen() is not None else "per-row (local attention, row by row)"
+    return "torch varlen_attn" if on_gpu and _varlen() is not None else "blocks (local attention, block-diagonal masks)"
 
 
 class PolicyCheck:

@@ -128,5 +128,5 @@ def test_policy_check_runs_on_cpu(tmp_path):
     assert len(result["steps"]) == 3 and result["layer_spec"] == "local"
     digest = _report_module().digest_policy(result)
     assert digest["headline"].startswith("11/11 checks (local layers")
-    assert result["packing"]["attention"].startswith("per-row") and max(result["packing"]["rows_per_micro_batch"]) > 1
-    assert "packed attention: per-row" in digest["headline"]
+    assert result["packing"]["attention"].startswith("blocks") and max(result["packing"]["rows_per_micro_batch"]) > 1
+    assert "packed attention: blocks" in digest["headline"]
