@@ -265,8 +265,8 @@ class Policy:
             not 2 <= mb.length <= seq_len if not mb.packed else len(mb.segments) != len(mb.rows)
             or sum(mb.segments) > mb.length or any(not 2 <= n <= seq_len for n in mb.segments))]
         if bad or len(seen) != len(set(seen)):
-            raise ValueError(f"the micro-batch plan does not fit a batch of {rows} rows x {seq_len} tokens "
-                             f"(rows out of range, a row's length outside 2..{seq_len}, or a row in two micro-batches): "
+            raise ValueError(f"the micro-batch plan does not fit a batch of {rows} rows x {seq_len} tokens (rows "
+                             f"out of range, a row's length outside 2..{seq_len}, or a row in two micro-batches): "
                              f"{(bad or micro_batches)[0]}")
         return tuple(micro_batches)
 
@@ -441,7 +441,8 @@ class Policy:
             def loss_func(h):
                 # the loss works on rows: a packed micro-batch's hidden states are gathered back into rows of
                 # similar length (batching/packing.py); otherwise the micro-batch's own rows
-                parts = [(h[0][unpack_index(mb, group, width)], MicroBatch(tuple(mb.rows[j] for j in group), width))
+                parts = [(h[0][unpack_index(mb, group, width).to(h.device)],
+                          MicroBatch(tuple(mb.rows[j] for j in group), width))
                          for group, width in loss_groups(mb)] if mb.packed else [(h, mb)]
                 masks = [take(mask, part, part.length - 1, False) for _, part in parts]
                 olds = [take(old, part, part.length - 1, 0.0) for _, part in parts]

@@ -1,10 +1,16 @@
 """Token-budget micro-batches (policy.max_tokens_per_micro_batch, megatron_sapo/batching), padded or packed
 (policy.pack_sequences), give the RL step of the padded path: the same old log-probs on the response tokens (1e-6),
-loss, gradient norm and every gradient shard within 1e-5 relative, for sapo, gspo and grpo in every aggregation mode, on a batch of uneven lengths with empty rows and a row
-longer than the budget; on one process and under DP=2, TP=2 with sequence parallelism, EP=2 (aligned micro-batch
-shapes for the allgather dispatcher) and PP=2 (Megatron's variable-sequence-length p2p). R3 replay of random engine
-routes (which change the loss wherever a route lands on the wrong token) gives the same step too. The learner-level
-test takes a real update (lr > 0) and compares the updated weights, with R2 replay."""
+loss, gradient norm and every gradient shard within 1e-5 relative, for sapo, gspo and grpo in every aggregation
+mode, on a batch of uneven lengths with empty rows; on one process and under DP=2, TP=2 with sequence parallelism,
+EP=2 (aligned micro-batch shapes for the allgather dispatcher), PP=2 (Megatron's variable-sequence-length p2p) and
+TP=2 x PP=2. R3 replay of random engine routes (which change the loss wherever a route lands on the wrong token)
+gives the same step too, and so does full activation recompute under R2 / R3 with PP=2. The learner-level test takes
+real updates (lr > 0, a row longer than the budget) and compares the updated weights, with R2 replay.
+Mutations that fail here (checked by hand): attention seeing across packed rows, RoPE boundaries off by one token,
+the loss's rows gathered one position off, a micro-batch one position short, rows' advantages or routes swapped,
+Dr.GRPO's constant taken from the micro-batch, unaligned shapes under EP (gloo aborts). (Positions that do not
+restart at all are invisible to RoPE, whose scores depend only on the distance within a row, once attention keeps to
+each row.)"""
 
 import pytest
 import torch
