@@ -6,7 +6,9 @@
 RL responses are long-tailed: padding every micro-batch to the mini-batch's longest row spends most of a step on
 padding. Here each rank sorts its rows by length and fills micro-batches in that order while rows x their padded
 length (the computed positions) stay within `max_tokens`; a row longer than the budget gets a micro-batch of its own.
-Rows without a response token carry no loss and are not computed at all.
+Rows without a response token carry no loss and are not computed at all. Packed (sequence packing), each
+micro-batch is one row of its rows' tokens back to back, filled first-fit decreasing up to `max_tokens`: no padding
+between rows. Aligned, micro-batch i has one shape on every rank (for collectives that gather equal shapes).
 
 Guarantees (tests/batching): every row with a response token is in exactly one micro-batch of exactly one rank;
 every rank has the same number of micro-batches (Megatron's schedules and the MoE all-to-alls need it: a rank with
@@ -18,6 +20,10 @@ whole mini-batch's counts.
 Cost of a row of L tokens, for the balance: L + quadratic x L^2 (quadratic: attention's score and value FLOPs per
 context token over the rest of the model's FLOPs per token, from the model's shape), so long rows weigh what they
 cost.
+
+Memory: a micro-batch's activations are those of at most `max_tokens` positions (a longer row's own, alone); the
+plan itself is O(rows) integers. Measured by tools/bench_train_step.py (the activations the largest micro-batch
+saves for its backward; its smoke test in tests/tools checks the bound against the padded path's).
 """
 
 from __future__ import annotations
