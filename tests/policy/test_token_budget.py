@@ -218,10 +218,10 @@ def test_budget_matches_padded_path_under_tp2_pp2(tmp_path):
 def test_learner_update_with_a_budget_takes_the_padded_step(tmp_path, caplog):
     """Two mini-batch updates at lr 1e-3 with R2 replay, through the learner (planning, shards, old log-probs,
     updates): the budgeted step's and the packed step's loss, gradient norm and updated weights equal the padded
-    path's; the plan's
-    numbers are those of the batch (real tokens over computed positions, by hand for the padded path); a row longer
-    than the budget is said once, however many updates meet it. (adam_eps 1e-5: Adam's first steps are about
-    lr x sign(gradient), which would turn the float rounding of a gradient element near zero into a whole step.)"""
+    path's; the plan's numbers are those of the batch (real tokens over computed positions, by hand for the padded
+    path); a row longer than the budget is said once per learner, however many updates meet it. (adam_eps 1e-5:
+    Adam's first steps are about lr x sign(gradient), which would turn the float rounding of a gradient element near
+    zero into a whole step.)"""
     from megatron_sapo.config import load_config
     from megatron_sapo.loop.learner import Learner
     from megatron_sapo.policy import parallel
