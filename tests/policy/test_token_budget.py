@@ -22,6 +22,9 @@ from .harness import tiny_models
 
 LOSSES = [LossConfig(loss_type=t, loss_agg_mode=m) for t in ("sapo", "gspo", "grpo")
           for m in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")]
+# the engine-mismatch corrections, whose sequence levels read each row's tokens together
+CORRECTED = [LossConfig(loss_type="sapo", rollout_correction="tis", rollout_correction_level="sequence"),
+             LossConfig(loss_type="grpo", rollout_correction="mis", rollout_correction_level="geometric")]
 # (prompt tokens, response tokens) per row: lengths 3..17 of 17 positions, two rows without a response
 ROWS = [(3, 14), (2, 3), (4, 1), (2, 0), (5, 10), (3, 5), (2, 13), (6, 2), (3, 0), (2, 6), (4, 9)]
 BUDGET = 24  # rows of 15 and 17 tokens: micro-batches of one row, the short ones several to a micro-batch
@@ -61,7 +64,9 @@ def _grads(policy):
 
 
 def _assert_same_step(a, b, grads_a, grads_b, what):
-    for key in ("loss", "grad_norm", "count/tokens", "count/seqs"):
+    for key in ("loss", "grad_norm", "count/tokens", "count/seqs", "mismatch/abs_diff_mean", "mismatch/weight_mean"):
+        if key not in a and key not in b:  # (the mismatch metrics come with the engine's log-probs)
+            continue
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-8), (what, key, a[key], b[key])
     for name, grad in grads_a.items():
         scale = grad.abs().max().item()
@@ -101,14 +106,16 @@ def compare_paths(model_dir, layout, losses=LOSSES):
         assert (old_mine[~mask[sel]] == 0).any()  # positions past a row's length are not computed
     old = reference + 0.2 * torch.randn(mask.shape, generator=g)  # near the model's own: clipped and unclipped
     old[~mask] = 0.0
-    p_ids, p_mask, p_adv, p_old = _padded_share([ids, mask, adv, old], dp, rank)
+    engine = (old + 0.1 * torch.randn(mask.shape, generator=g)) * mask  # the engine's log-probs: mismatch metrics
+    p_ids, p_mask, p_adv, p_old, p_engine = _padded_share([ids, mask, adv, old, engine], dp, rank)
     for loss in losses:
-        a = policy.train_step(PolicyBatch(p_ids, p_mask, p_adv, old_log_probs=p_old), loss)
+        a = policy.train_step(PolicyBatch(p_ids, p_mask, p_adv, old_log_probs=p_old, rollout_log_probs=p_engine),
+                              loss)
         grads_a = _grads(policy)
         for path, (sel, micro) in shares.items():
-            what = (layout, path, loss.loss_type, loss.loss_agg_mode)
+            what = (layout, path, loss.loss_type, loss.loss_agg_mode, loss.rollout_correction)
             b = policy.train_step(PolicyBatch(ids[sel], mask[sel], adv[sel], old_log_probs=old[sel],
-                                              micro_batches=micro), loss)
+                                              rollout_log_probs=engine[sel], micro_batches=micro), loss)
             assert a["skipped"] == b["skipped"] == 0.0, what
             _assert_same_step(a, b, grads_a, _grads(policy), what)
     del policy
@@ -181,7 +188,7 @@ def test_budget_matches_padded_path_on_one_process(tmp_path):
 
     tiny_models().build("qwen3_moe", tmp_path, num_experts=8)
     parallel.init_distributed()
-    compare_paths(str(tmp_path), {})
+    compare_paths(str(tmp_path), {}, losses=LOSSES + CORRECTED)
 
 
 LAYOUTS = [dict(), dict(tensor_model_parallel_size=2), dict(expert_model_parallel_size=2),
