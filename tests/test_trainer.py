@@ -307,16 +307,23 @@ def test_tracking_server_down_during_a_run_loses_no_metrics(demo, tmp_path, faul
                  "trains on; every step sent by the next start")
 
 
+# PP=2 also packs its rows (policy.pack_sequences): the engine's routes must reach packed micro-batches in their order
+PACKED = ("policy.max_tokens_per_micro_batch=64", "policy.pack_sequences=true")
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_r3_run_replays_the_engines_routes_on_every_rank(demo, tmp_path, layout):
     """`megatron-sapo train` with policy.routing_replay=r3 on two processes, under TP=2 (sequence parallel: each rank
-    replays its own chunk of every sequence) and PP=2 (each stage its own MoE layers): the embedded engine's routes
-    reach every rank in its token order, so the trainer's old log-probs are the engine's own (a route replayed at the
-    wrong token or layer would move them by far more than 2e-5), and the routing agreement metrics reach MLflow."""
+    replays its own chunk of every sequence) and PP=2 (each stage its own MoE layers; rows packed into micro-batches
+    of 64 tokens): the embedded engine's routes reach every rank in its token order, so the trainer's old log-probs
+    are the engine's own (a route replayed at the wrong token or layer would move them by far more than 2e-5), and
+    the routing agreement metrics reach MLflow."""
     out = tmp_path / "run"
+    packed = PACKED if layout == "pp2" else ()
     log = train(demo, out, "trainer.steps=2", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-                "policy.routing_replay=r3", *LAYOUTS[layout], launcher=TORCHRUN, env={"GLOO_SOCKET_IFNAME": "lo"})
+                "policy.routing_replay=r3", *LAYOUTS[layout], *packed, launcher=TORCHRUN,
+                env={"GLOO_SOCKET_IFNAME": "lo"})
     assert "(2 processes)" in log and "step 2/2" in log
     client, run = mlflow_run(out)
     assert run.data.params["policy.routing_replay"] == "r3"
@@ -324,6 +331,9 @@ def test_r3_run_replays_the_engines_routes_on_every_rank(demo, tmp_path, layout)
     for key in ("routing/engine_agree", "routing/replay_agree", "routing/replay_agree_min_layer"):
         values = steps_of(client, run, key)
         assert [s for s, _ in values] == [1, 2] and all(0 < v <= 1 for _, v in values), (key, values)
+    if packed:  # no padding at all: packed rows of the demo's short responses
+        assert all(v == 1.0 for _, v in steps_of(client, run, "train/token_efficiency"))
+        assert all(v > 4 for _, v in steps_of(client, run, "train/micro_batches"))
 
 
 @pytest.mark.fault
