@@ -9,7 +9,7 @@ parts LPT gives 17 / 13, differencing 16 / 14 (the best is 15 / 15: neither is e
 
 Guarantees: every item in exactly one part; deterministic (ties broken by the items' order, never by hash or
 time), so the same weights give the same parts on every rank and on every resume. Cost: O(n k log k) for n
-items; above GREEDY_ABOVE items x parts (thousands of rows over a hundred ranks), where that takes seconds and the
+items; above GREEDY_ABOVE items x parts (thousands of rows over tens of ranks), where that takes up to seconds and the
 many small items leave little to gain, the greedy assignment (O(n log n)) instead.
 """
 
