@@ -5,8 +5,8 @@ With TransformerEngine the model's TEDotProductAttention takes THD inputs itself
 DotProductAttention refuses them, so the local spec gets `PackedDotProductAttention`: the same attention, which
 for a packed micro-batch attends within each row only (its `cu_seqlens` boundaries):
   - on CUDA, where PyTorch has it (torch.nn.attention.varlen, 2.10+), variable-length flash attention over the
-    whole packed row in one call (never run on a GPU in this project's tests yet: `make gpu-check` compares it
-    with the per-row path);
+    whole packed row in one call (never run on a GPU in this project's tests yet: `make gpu-check` compares a
+    packed step through it with the padded one);
   - otherwise (the CPU; GPUs with an older torch), the parent's attention over blocks of consecutive rows (up to
     128 tokens, or one longer row), each with a mask causal within each row and shut across rows: exact, and its
     cost near the rows' own (sum of L_i^2) rather than the packed row's (T^2), without a call per short row.
@@ -25,21 +25,17 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from ..batching.packing import cu_seqlens
 
 
-def packed_seq_params(micro_batch, length: int, device) -> PackedSeqParams:
+def packed_inputs(micro_batch, length: int, device) -> tuple[PackedSeqParams, torch.Tensor]:
     """THD parameters of a packed micro-batch computed at `length` positions (its length rounded up for tensor
-    parallelism; the rest a padding sequence of its own)."""
+    parallelism; the rest a padding sequence of its own), and its [1, length] positions, restarting at every sequence
+    (for position embeddings that read them; RoPE reads the boundaries). Built on the CPU: no device sync."""
     cu = cu_seqlens(micro_batch, length)
-    longest = int((cu[1:] - cu[:-1]).max())
+    sizes = (cu[1:] - cu[:-1]).tolist()
+    positions = torch.cat([torch.arange(n) for n in sizes])[None].to(device)
     cu = cu.to(device)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                           max_seqlen_kv=longest)
-
-
-def packed_positions(params: PackedSeqParams, length: int, device) -> torch.Tensor:
-    """[1, length] positions restarting at every sequence (for position embeddings that read them; RoPE reads the
-    boundaries)."""
-    cu = params.cu_seqlens_q.cpu()
-    return torch.cat([torch.arange(int(n)) for n in cu[1:] - cu[:-1]])[None, :length].to(device)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(sizes),
+                             max_seqlen_kv=max(sizes))
+    return params, positions
 
 
 def _varlen():

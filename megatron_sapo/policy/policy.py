@@ -181,10 +181,10 @@ class Policy:
     def _forward(self, model, input_ids, padding=None, packed: MicroBatch | None = None):
         b, s = input_ids.shape
         if packed is not None:  # one row of several sequences: attention within each, positions restarting
-            from .packing import packed_positions, packed_seq_params
+            from .packing import packed_inputs
 
-            params = packed_seq_params(packed, s, input_ids.device)
-            positions, mask = packed_positions(params, s, input_ids.device), None
+            params, positions = packed_inputs(packed, s, input_ids.device)
+            mask = None
             model = partial(model, packed_seq_params=params)
         else:
             positions = torch.arange(s, device=input_ids.device)[None].expand(b, s)
