@@ -14,7 +14,8 @@ routers picked; under r2 its update replays those experts, under r3 both forward
 
 Micro-batches (megatron_sapo/batching): with policy.max_tokens_per_micro_batch > 0 each mini-batch's rows go to the
 data-parallel ranks balanced by their computed work (Karmarkar-Karp on length + attention's quadratic term), and on
-each rank into micro-batches of at most that many computed positions, each at its own longest row; every rank
+each rank into micro-batches of at most that many computed positions, each at its own longest row, or, with
+policy.pack_sequences, packed back to back into rows of at most that many tokens; every rank
 plans every rank's share from the row lengths alone (no communication; a resumed run plans the same). Without a
 budget, every mini-batch is padded with empty rows to a multiple of data-parallel size x micro-batch size, each
 data-parallel rank trains on every dp-th row, and every micro-batch is as wide as the mini-batch's longest row.
