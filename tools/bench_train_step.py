@@ -34,7 +34,7 @@ PROMPT = 32
 DISTRIBUTIONS = ("fixed", "uniform", "lognormal", "bimodal")
 
 
-def row_lengths(kind: str, rows: int, max_len: int, seed: int = 0) -> list[int]:
+def sample_lengths(kind: str, rows: int, max_len: int, seed: int = 0) -> list[int]:
     """Total tokens (prompt + response) per row, deterministic from the seed."""
     g = torch.Generator().manual_seed(seed)
     top = max_len - PROMPT
@@ -94,12 +94,12 @@ def _run(rank, world, args, model_dir, out):
     from megatron.core import parallel_state as ps
 
     from megatron_sapo.batching import MicroBatchPlan, plan_micro_batches, plan_summary
-    from megatron_sapo.batching import row_lengths as mask_lengths
+    from megatron_sapo.batching import row_lengths
     from megatron_sapo.losses import LossConfig
     from megatron_sapo.policy.config import PolicyConfig
     from megatron_sapo.policy.policy import Policy, PolicyBatch
 
-    lengths = row_lengths(args.lengths, args.batch, args.max_len)
+    lengths = sample_lengths(args.lengths, args.batch, args.max_len)
     results = {}
     for path in ("padded", "budget", "packed"):
         budget = 0 if path == "padded" else args.budget
@@ -109,13 +109,13 @@ def _run(rank, world, args, model_dir, out):
         ids, mask, adv = _batch(args, lengths, policy.arch.vocab_size)
         dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         if budget:
-            plans, _ = plan_micro_batches(mask_lengths(mask), dp=dp, max_tokens=budget, **policy.plan_layout())
+            plans, _ = plan_micro_batches(row_lengths(mask), dp=dp, max_tokens=budget, **policy.plan_layout())
             rows, micro = torch.tensor(plans[r].rows, dtype=torch.long), plans[r].micro_batches
         else:
             per_rank = len(lengths) // dp
             plans = [MicroBatchPlan.fixed(per_rank, args.micro_batch, ids.shape[1])] * dp
             rows, micro = torch.arange(r, len(lengths), dp), None
-        summary = plan_summary(plans, mask_lengths(mask), policy.plan_layout()["multiple"])
+        summary = plan_summary(plans, row_lengths(mask), policy.plan_layout()["multiple"])
         meter = ActivationMeter(policy.module)
         seconds = []
         for step in range(args.steps + 1):  # the first is a warm-up
@@ -147,7 +147,7 @@ def main() -> None:
         parser.error(f"--max-len must exceed the {PROMPT}-token prompt")
     import tiny_models
 
-    lengths = row_lengths(args.lengths, args.batch, args.max_len)
+    lengths = sample_lengths(args.lengths, args.batch, args.max_len)
     print(f"tiny Qwen3-MoE; {args.batch} rows, {args.lengths} lengths (mean {sum(lengths) / len(lengths):.0f}, "
           f"max {max(lengths)}); padded: {args.micro_batch} rows per micro-batch; budget: {args.budget} tokens; "
           f"{args.threads} thread(s) per process; SAPO old-log-prob forward + update", flush=True)

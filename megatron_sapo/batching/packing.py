@@ -33,9 +33,7 @@ def starts(micro_batch: MicroBatch) -> list[int]:
 def cu_seqlens(micro_batch: MicroBatch, length: int) -> torch.Tensor:
     """[rows + 1] int32 cumulative lengths over a packed row of `length` positions (>= micro_batch.length, as the
     model pads it): the padding after the last row is a sequence of its own, so every position is in one."""
-    bounds = [0]
-    for n in micro_batch.segments:
-        bounds.append(bounds[-1] + n)
+    bounds = [*starts(micro_batch), sum(micro_batch.segments)]
     if length > bounds[-1]:
         bounds.append(length)
     return torch.tensor(bounds, dtype=torch.int32)

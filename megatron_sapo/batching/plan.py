@@ -107,7 +107,7 @@ def _fill(rows: list[int], lengths: list[int], max_tokens: int, multiple: int) -
             out[-1].append(r)
         else:
             out.append([r])
-    return [MicroBatch(tuple(mb), lengths[mb[0]]) for mb in out]
+    return [_micro_batch(mb, lengths, False) for mb in out]
 
 
 def _micro_batch(rows, lengths: list[int], packed: bool) -> MicroBatch:
@@ -221,10 +221,7 @@ def take(tensor: torch.Tensor, micro_batch: MicroBatch, length: int, fill) -> to
     (micro_batch.length for token ids, one less for the predicted positions), padding rows of `fill` appended up
     to its width. Consecutive rows are a view (the fixed plan's micro-batches cost no copy)."""
     rows = micro_batch.rows
-    if rows and list(rows) == list(range(rows[0], rows[0] + len(rows))):
-        part = tensor[rows[0]:rows[0] + len(rows)]
-    else:
-        part = tensor[torch.tensor(rows, dtype=torch.long, device=tensor.device)]
+    part = tensor[_row_index(rows, tensor.device)]
     if part.dim() > 1:
         part = part[:, :length]
     extra = micro_batch.width - len(rows)
@@ -237,13 +234,15 @@ def put(tensor: torch.Tensor, micro_batch: MicroBatch, values: torch.Tensor) -> 
     """take's inverse for a micro-batch's own rows: values [width, n, ...] written into their rows' first n
     positions (its padding rows dropped)."""
     rows = micro_batch.rows
-    if not rows:
-        return
-    n = values.shape[1]
-    if list(rows) == list(range(rows[0], rows[0] + len(rows))):
-        tensor[rows[0]:rows[0] + len(rows), :n] = values[:len(rows)]
-    else:
-        tensor[torch.tensor(rows, dtype=torch.long, device=tensor.device), :n] = values[:len(rows)]
+    if rows:
+        tensor[_row_index(rows, tensor.device), :values.shape[1]] = values[:len(rows)]
+
+
+def _row_index(rows: tuple[int, ...], device) -> slice | torch.Tensor:
+    """Rows as an index: a slice where they are consecutive (a view, no copy), else an index tensor."""
+    if rows and list(rows) == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 def attention_quadratic(*, layers: int, heads: int, head_dim: int, params_per_token: float) -> float:

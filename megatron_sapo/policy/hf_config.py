@@ -52,9 +52,9 @@ class HFArchitecture:
         """The weights one token meets in the matmuls (projections, the experts it is routed to and the dense MLPs,
         the output layer; no embeddings, norms or router): the per-token FLOPs are about twice this."""
         attention = self.hidden_size * self.head_dim * 2 * (self.num_heads + self.num_kv_heads)
-        moe = set(i for i, m in enumerate(self.moe_layers) if m)
-        mlp = sum(3 * self.hidden_size * (self.moe_ffn_hidden_size * self.moe_topk if i in moe else self.ffn_hidden_size)
-                  for i in range(self.num_layers))
+        moe = {i for i, m in enumerate(self.moe_layers) if m}
+        routed = self.moe_ffn_hidden_size * self.moe_topk
+        mlp = sum(3 * self.hidden_size * (routed if i in moe else self.ffn_hidden_size) for i in range(self.num_layers))
         return self.num_layers * attention + mlp + self.hidden_size * self.vocab_size
 
 

@@ -16,6 +16,7 @@ Without packing it is the parent unchanged. RoPE restarts at every row through M
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -38,8 +39,10 @@ def packed_inputs(micro_batch, length: int, device) -> tuple[PackedSeqParams, to
     return params, positions
 
 
+@functools.cache
 def _varlen():
-    """PyTorch's variable-length attention and how it is told to be causal, or None where it is missing."""
+    """PyTorch's variable-length attention and how it is told to be causal, or None where it is missing (looked up
+    once: every attention layer asks)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -52,10 +55,15 @@ def _varlen():
 BLOCK = 128  # tokens: short rows are attended together in blocks of at most this size (one call, a masked square)
 
 
-def _blocks(bounds: list[int], device):
+@functools.lru_cache(maxsize=1)  # every layer of a micro-batch attends over the same blocks: built once for it
+def _blocks(bounds: tuple[int, ...], device) -> tuple:
     """(start, end, mask) over consecutive rows grouped into blocks of at most BLOCK tokens (or one longer row): each
     block's mask [1, 1, n, n] is causal within each of its rows and shut across them (True = masked). A block of
     short rows costs one call of n^2 scores instead of a call per row; a long row is a block of its own."""
+    return tuple(_each_block(bounds, device))
+
+
+def _each_block(bounds: tuple[int, ...], device):
     start = 0
     while start < len(bounds) - 1:
         end = start + 1
@@ -84,7 +92,7 @@ class PackedDotProductAttention(DotProductAttention):
         if varlen is not None:
             return self._varlen_forward(query, key, value, cu, packed_seq_params.max_seqlen_q, *varlen)
         out = []
-        for start, end, mask in _blocks(cu.tolist(), query.device):
+        for start, end, mask in _blocks(tuple(cu.tolist()), query.device):
             out.append(super().forward(query[start:end, None], key[start:end, None], value[start:end, None],
                                        mask, attn_mask_type=attn_mask_type, attention_bias=attention_bias))
         return torch.cat(out)  # [t, 1, heads x head_dim]

@@ -10,7 +10,8 @@ def test_blocks_group_short_rows_and_mask_across_them(monkeypatch):
 
     monkeypatch.setattr(packing, "BLOCK", 512)  # (the shipped size is smaller; the grouping is the same)
     bounds = [0, 3, 700, 705, 709, 1300]
-    blocks = list(packing._blocks(bounds, "cpu"))
+    packing._blocks.cache_clear()  # (it keeps the last micro-batch's blocks, built at the shipped BLOCK)
+    blocks = list(packing._blocks(tuple(bounds), "cpu"))
     assert [(lo, hi) for lo, hi, _ in blocks] == [(0, 3), (3, 700), (700, 709), (709, 1300)]
     mask = blocks[2][2][0, 0]  # rows of 5 and 4 tokens together
     expected = torch.ones(9, 9, dtype=torch.bool)
